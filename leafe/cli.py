@@ -1,0 +1,142 @@
+"""The `leafe` command line. Heavy packages are imported only by the commands that need them:
+`--help`, `validate`, `plan` and `envs` never import torch, transformers or litellm."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+import leafe
+from leafe.errors import SpecError, UserError
+
+app = typer.Typer(
+    name="leafe",
+    help="LEAFE and baselines for LLM agents: one YAML spec → training, Pass@k evaluation, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err = Console(stderr=True)
+
+SetOpt = typer.Option(None, "--set", "-s", help="Override a spec field: dotted.key=value (repeatable).")
+RunsOpt = typer.Option(Path("runs"), "--runs-dir", help="Where run artifacts go.")
+ReportsOpt = typer.Option(Path("reports"), "--reports-dir", help="Where reports go.")
+
+
+def _fail(e: Exception) -> None:
+    if isinstance(e, SpecError):
+        for p in e.problems:
+            err.print(f"[red]error:[/red] {p}", highlight=False, soft_wrap=True)
+    else:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _load(spec: Path, sets: list[str] | None):
+    from leafe.spec import load_spec
+
+    return load_spec(spec, sets or [])
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"leafe {leafe.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+@app.command()
+def validate(specs: List[Path] = typer.Argument(..., help="Spec files."), sets: Optional[List[str]] = SetOpt) -> None:
+    """Check specs: schema, presets, method fields, environment options, templates."""
+    failed = False
+    for s in specs:
+        try:
+            loaded = _load(s, sets)
+            console.print(f"[green]ok[/green] {s} ({loaded.spec.name}: {', '.join(loaded.methods)})")
+        except UserError as e:
+            failed = True
+            if isinstance(e, SpecError):
+                for p in e.problems:
+                    err.print(f"[red]error:[/red] {p}", highlight=False, soft_wrap=True)
+            else:
+                err.print(f"[red]error:[/red] {s}: {e}", highlight=False, soft_wrap=True)
+    if failed:
+        raise typer.Exit(2)
+
+
+@app.command()
+def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[List[str]] = SetOpt,
+         runs_dir: Path = RunsOpt) -> None:
+    """Show the stage graph, each stage's key and whether it is already done."""
+    from rich.table import Table
+
+    from leafe.plan import build_plan
+
+    try:
+        loaded = _load(spec, sets)
+        p = build_plan(loaded, runs_dir)
+    except UserError as e:
+        _fail(e)
+    table = Table(title=f"plan for {loaded.spec.name} → {p.root}", title_justify="left")
+    for col in ("stage", "kind", "depends on", "key", "status"):
+        table.add_column(col)
+    colors = {"done": "green", "partial": "yellow", "todo": "white", "always": "dim"}
+    for s in p.stages:
+        st = p.status(s)
+        table.add_row(s.id, s.kind, ", ".join(s.deps) or "-", s.hash[:12] if s.kind != "report" else "-",
+                      f"[{colors[st]}]{st}[/{colors[st]}]")
+    console.print(table)
+
+
+@app.command()
+def run(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[List[str]] = SetOpt,
+        runs_dir: Path = RunsOpt, reports_dir: Path = ReportsOpt) -> None:
+    """Run every stage that is not done (resuming partial ones), then write the report."""
+    from leafe.runner import run as run_plan
+
+    try:
+        loaded = _load(spec, sets)
+        run_plan(loaded, runs_dir, reports_dir, console)
+    except UserError as e:
+        _fail(e)
+
+
+@app.command()
+def report(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[List[str]] = SetOpt,
+           runs_dir: Path = RunsOpt, reports_dir: Path = ReportsOpt) -> None:
+    """Render the report from the records of finished evaluations."""
+    from leafe.plan import build_plan
+    from leafe.report import write_reports
+
+    try:
+        loaded = _load(spec, sets)
+        write_reports(loaded, build_plan(loaded, runs_dir), reports_dir, console)
+    except UserError as e:
+        _fail(e)
+
+
+@app.command()
+def envs() -> None:
+    """List the registered environments."""
+    from leafe import envs as registry
+
+    for name in registry.names():
+        console.print(name)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted; re-run the same command to resume")
+        sys.exit(130)

@@ -1,0 +1,149 @@
+"""The `Env` interface every environment adapter implements.
+
+An adapter wraps a real environment package. Methods reach it only through the agent loop.
+Restoring an earlier state is part of the interface (LEAFE rolls back to the step that went
+wrong): the default snapshot is the pinned task plus the action prefix, restored by reset +
+replay with an observation-hash check; adapters with native state override both methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from leafe.errors import NonDeterministicEnvError
+
+
+@dataclass
+class Observation:
+    """What the agent sees after reset or restore."""
+
+    text: str
+    """The observation text (the environment's state and feedback)."""
+    task: str
+    """The task description (goal) for this episode, stable across steps."""
+    admissible: list[str] | None = None
+    """Admissible actions where the environment lists them, else None."""
+    info: dict[str, Any] = field(default_factory=dict)
+    """Adapter-specific extras (recorded, never shown to the model unless a template does)."""
+
+
+@dataclass
+class Step:
+    """The result of one `Env.step` call."""
+
+    observation: Observation
+    """The next observation; its text carries the environment's feedback on the action."""
+    reward: float
+    """Reward for this step."""
+    done: bool
+    """True when the episode ended (success or terminal failure)."""
+    success: bool
+    """True when the task was solved."""
+    valid: bool = True
+    """False when the environment rejected the action (unknown or inadmissible)."""
+
+
+@dataclass
+class Snapshot:
+    """An opaque restorable state. `actions` is the action prefix since reset."""
+
+    task_id: str
+    actions: list[str]
+    obs_hash: str
+    """Hash of the observation text after the prefix (checked on replay)."""
+    native: Any = None
+    """Adapter-native state (e.g. a deep copy), when the adapter has one."""
+
+
+def obs_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+class EnvOptions(BaseModel):
+    """Base class for adapter options; unknown option keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Env(ABC):
+    """An episodic text environment with reset, step and restore."""
+
+    #: Name under which the adapter is registered.
+    name: str = ""
+    #: The pydantic model of this adapter's options (validated from the spec's `env.options`).
+    Options: type[EnvOptions] = EnvOptions
+
+    def __init__(self, options: EnvOptions | None = None):
+        self.options = options or self.Options()
+        self._task_id: str | None = None
+        self._actions: list[str] = []
+        self._last_obs: Observation | None = None
+
+    # -- required ---------------------------------------------------------------------------
+    @abstractmethod
+    def tasks(self, split: str) -> list[str]:
+        """Stable task ids of a split ("train", "test", ...)."""
+
+    @abstractmethod
+    def _reset(self, task_id: str) -> Observation: ...
+
+    @abstractmethod
+    def _step(self, action: str) -> Step: ...
+
+    def splits(self) -> list[str]:
+        return ["train", "test"]
+
+    def expert(self, task_id: str) -> list[str] | None:
+        """An expert action sequence solving the task, or None if there is no solver."""
+        return None
+
+    def close(self) -> None:
+        """Release resources (processes, files)."""
+
+    # -- provided ---------------------------------------------------------------------------
+    def reset(self, task_id: str) -> Observation:
+        self._task_id = task_id
+        self._actions = []
+        self._last_obs = self._reset(task_id)
+        return self._last_obs
+
+    def step(self, action: str) -> Step:
+        if self._task_id is None:
+            raise RuntimeError("step() called before reset()")
+        result = self._step(action)
+        self._actions.append(action)
+        self._last_obs = result.observation
+        return result
+
+    @property
+    def task_id(self) -> str | None:
+        return self._task_id
+
+    @property
+    def actions(self) -> list[str]:
+        """Actions taken since the last reset (or restore)."""
+        return list(self._actions)
+
+    def snapshot(self) -> Snapshot:
+        """Default: the task plus the action prefix (restored by replay)."""
+        if self._task_id is None or self._last_obs is None:
+            raise RuntimeError("snapshot() called before reset()")
+        return Snapshot(self._task_id, list(self._actions), obs_hash(self._last_obs.text))
+
+    def restore(self, snap: Snapshot) -> Observation:
+        """Default: reset + replay the action prefix, then check the observation hash."""
+        obs = self.reset(snap.task_id)
+        for action in snap.actions:
+            obs = self.step(action).observation
+        if obs_hash(obs.text) != snap.obs_hash:
+            raise NonDeterministicEnvError(
+                f"{self.name}: replaying {len(snap.actions)} actions of task {snap.task_id!r} "
+                "did not reproduce the snapshot's observation; this environment is not "
+                "deterministic under replay, so it needs a native snapshot."
+            )
+        return obs

@@ -1,0 +1,420 @@
+"""Sokoban over the real `gym_sokoban` package, as a text environment.
+
+Rooms come from gym-sokoban's generator (`room_utils.generate_room`), seeded per task id from a
+SHA-256 of (room size, number of boxes, split, index, attempt), so a task id always names the
+same room and the train and test splits never share a seed. Moves go through the unwrapped
+`gym_sokoban.envs.SokobanEnv.step` (push actions 1-4, which also move when nothing is pushed),
+with the episode step limit disabled: episodes end only when every box is on a target.
+
+gym_sokoban (and through it gym) is imported lazily, on the first reset or expert call, so
+listing environments or validating a spec never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import io
+import random
+import sys
+import types
+import warnings
+from collections import deque
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import ConfigDict, Field, model_validator
+
+from leafe.envs.base import Env, EnvOptions, Observation, Snapshot, Step, obs_hash
+
+#: Actions, in the order of gym-sokoban's push actions 1..4 (push up/down/left/right).
+ACTIONS = ["up", "down", "left", "right"]
+_ACTION_ID = {name: i + 1 for i, name in enumerate(ACTIONS)}
+_DELTA = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
+
+# gym-sokoban cell codes. room_fixed: 0 wall, 1 floor, 2 target.
+# room_state: 0 wall, 1 floor, 2 empty target, 3 box on target, 4 box off target, 5 player.
+_WALL, _FLOOR, _TARGET, _BOX_ON, _BOX, _PLAYER = 0, 1, 2, 3, 4, 5
+
+LEGEND = "# wall, _ floor, O target, X box, √ box on target, P player, S player on target"
+
+#: How many differently seeded attempts the generator gets before a task is declared impossible.
+MAX_GENERATION_ATTEMPTS = 100
+#: Default node cap of the expert's breadth-first search.
+EXPERT_MAX_NODES = 500_000
+
+# Effectively "no limit": gym-sokoban ends an episode when num_env_steps == max_steps.
+_NO_STEP_LIMIT = 2**62
+
+_gym_sokoban_env_module: Any = None
+
+
+def _pkg_resources_shim() -> types.ModuleType:
+    """A stand-in for the `pkg_resources.resource_filename` gym-sokoban calls at import.
+
+    setuptools >= 81 no longer ships `pkg_resources`; gym-sokoban only uses it to locate its
+    package data next to its modules.
+    """
+    import os
+
+    shim = types.ModuleType("pkg_resources")
+
+    def resource_filename(package: str, resource: str) -> str:
+        module = sys.modules[package]
+        return os.path.join(os.path.dirname(module.__file__), *resource.split("/"))
+
+    shim.resource_filename = resource_filename  # type: ignore[attr-defined]
+    return shim
+
+
+def _sokoban_env_module() -> Any:
+    """Import `gym_sokoban.envs.sokoban_env` quietly (gym prints a deprecation notice)."""
+    global _gym_sokoban_env_module
+    if _gym_sokoban_env_module is not None:
+        return _gym_sokoban_env_module
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            import gym_sokoban.envs.sokoban_env as module
+        except ModuleNotFoundError as e:
+            if e.name != "pkg_resources":
+                raise
+            sys.modules["pkg_resources"] = _pkg_resources_shim()
+            try:
+                import gym_sokoban.envs.sokoban_env as module
+            finally:
+                # The gym-sokoban modules keep their own reference; don't leave a fake
+                # `pkg_resources` around for other packages to find.
+                sys.modules.pop("pkg_resources", None)
+    _gym_sokoban_env_module = module
+    return module
+
+
+def _seed(*parts: Any) -> int:
+    key = "|".join(str(p) for p in ("leafe-sokoban", *parts))
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:4], "big")
+
+
+def render_grid(room_state: np.ndarray, room_fixed: np.ndarray) -> str:
+    """The room as text, one row per line (see `LEGEND`)."""
+    rows = []
+    for r in range(room_state.shape[0]):
+        row = []
+        for c in range(room_state.shape[1]):
+            s, target = int(room_state[r, c]), int(room_fixed[r, c]) == _TARGET
+            if s == _WALL:
+                row.append("#")
+            elif s in (_BOX, _BOX_ON):
+                row.append("√" if target else "X")
+            elif s == _PLAYER:
+                row.append("S" if target else "P")
+            else:
+                row.append("O" if target else "_")
+        rows.append("".join(row))
+    return "\n".join(rows)
+
+
+class SokobanEnv(Env):
+    """Sokoban rooms from gym-sokoban; actions `up`, `down`, `left`, `right`."""
+
+    name = "sokoban"
+
+    class Options(EnvOptions):
+        """Options of the sokoban environment."""
+
+        model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+        dim: tuple[Annotated[int, Field(ge=5)], Annotated[int, Field(ge=5)]] = (6, 6)
+        """Room size (height, width), outer wall included; each at least 5."""
+        num_boxes: int = Field(default=1, ge=1)
+        """Number of boxes (and targets) per room."""
+        train_size: int = Field(default=1000, ge=1)
+        """Number of task ids in the train split."""
+        test_size: int = Field(default=200, ge=1)
+        """Number of task ids in the test split."""
+        generation_steps: int | None = Field(default=None, ge=1)
+        """gym-sokoban's `num_gen_steps` (random-walk length of the room generator); null
+        means the package's default for the room size, int(1.7 * (height + width))."""
+
+        @model_validator(mode="after")
+        def _default_generation_steps(self) -> SokobanEnv.Options:
+            if self.generation_steps is None:
+                self.generation_steps = int(1.7 * (self.dim[0] + self.dim[1]))
+            return self
+
+    options: Options
+
+    def __init__(self, options: Options | None = None):
+        super().__init__(options)
+        self._rooms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._game: Any = None
+
+    # -- tasks ------------------------------------------------------------------------------
+    def _split_sizes(self) -> dict[str, int]:
+        return {"train": self.options.train_size, "test": self.options.test_size}
+
+    def tasks(self, split: str) -> list[str]:
+        sizes = self._split_sizes()
+        if split not in sizes:
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(sizes)}")
+        return [f"{split}-{i:05d}" for i in range(sizes[split])]
+
+    def _parse_task(self, task_id: str) -> tuple[str, int]:
+        split, _, index = str(task_id).partition("-")
+        sizes = self._split_sizes()
+        if split not in sizes or not index.isdigit() or int(index) >= sizes[split]:
+            raise ValueError(
+                f"unknown task id {task_id!r}; expected '<split>-<index>' with split in "
+                f"{', '.join(sizes)} (e.g. 'train-00017'), index below the split size "
+                f"({', '.join(f'{s}: {n}' for s, n in sizes.items())})"
+            )
+        return split, int(index)
+
+    def room(self, task_id: str) -> tuple[np.ndarray, np.ndarray]:
+        """(room_fixed, initial room_state) of a task, generated once and cached."""
+        if task_id not in self._rooms:
+            self._rooms[task_id] = self._generate(*self._parse_task(task_id))
+        fixed, state = self._rooms[task_id]
+        return fixed.copy(), state.copy()
+
+    def _generate(self, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        _sokoban_env_module()
+        from gym_sokoban.envs.room_utils import generate_room
+
+        o = self.options
+        h, w = o.dim
+        py_state, np_state = random.getstate(), np.random.get_state()
+        errors: list[str] = []
+        try:
+            for attempt in range(MAX_GENERATION_ATTEMPTS):
+                seed = _seed(f"{h}x{w}", o.num_boxes, split, index, attempt)
+                random.seed(seed)
+                np.random.seed(seed)
+                try:
+                    fixed, state, _ = generate_room(
+                        dim=(h, w), num_steps=o.generation_steps, num_boxes=o.num_boxes
+                    )
+                except (RuntimeError, RuntimeWarning) as e:
+                    errors.append(str(e))
+                    continue
+                fixed = np.asarray(fixed, dtype=np.int64)
+                state = np.asarray(state, dtype=np.int64)
+                # The generator marks every box as "off target" (4); mark the ones that start
+                # on a target as 3, as gym-sokoban's own push does.
+                boxes = (state == _BOX) | (state == _BOX_ON)
+                state[boxes] = np.where(fixed[boxes] == _TARGET, _BOX_ON, _BOX)
+                if (state == _BOX).any():  # never hand out an already solved room
+                    return fixed, state
+                errors.append("generated room is already solved")
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        raise RuntimeError(
+            f"sokoban: no room generated for {split}-{index:05d} with dim={o.dim}, "
+            f"num_boxes={o.num_boxes} in {MAX_GENERATION_ATTEMPTS} attempts (last error: "
+            f"{errors[-1] if errors else '?'}); use a larger room or fewer boxes"
+        )
+
+    # -- episode ----------------------------------------------------------------------------
+    def _make_game(self) -> Any:
+        if self._game is None:
+            module = _sokoban_env_module()
+            o = self.options
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._game = module.SokobanEnv(
+                    dim_room=tuple(o.dim),
+                    max_steps=_NO_STEP_LIMIT,
+                    num_boxes=o.num_boxes,
+                    num_gen_steps=o.generation_steps,
+                    reset=False,
+                )
+        return self._game
+
+    def _boxes_on_target(self) -> int:
+        return int((self._game.room_state == _BOX_ON).sum())
+
+    def task_description(self) -> str:
+        n = self.options.num_boxes
+        if n == 1:
+            boxes = "the box (X) onto the target (O)"
+        else:
+            boxes = f"all {n} boxes (X) onto targets (O)"
+        return (
+            f"Sokoban: push {boxes}. The puzzle is solved when every box is on a target (√). "
+            "You can push a box by walking into it, one box at a time, if the cell behind it is "
+            "free; boxes cannot be pulled, and a box against a wall or another box does not "
+            f"move. Map legend: {LEGEND}. Valid actions: {', '.join(ACTIONS)}."
+        )
+
+    def _observation(self, feedback: str, **extra: Any) -> Observation:
+        g = self._game
+        info = {
+            "boxes_on_target": self._boxes_on_target(),
+            "num_boxes": self.options.num_boxes,
+            **extra,
+        }
+        return Observation(
+            text=f"{feedback}\n{render_grid(g.room_state, g.room_fixed)}",
+            task=self.task_description(),
+            admissible=list(ACTIONS),
+            info=info,
+        )
+
+    def _reset(self, task_id: str) -> Observation:
+        fixed, state = self.room(task_id)
+        g = self._make_game()
+        g.room_fixed, g.room_state = fixed, state
+        g.player_position = np.argwhere(state == _PLAYER)[0]
+        g.num_env_steps = 0
+        g.reward_last = 0
+        g.boxes_on_target = self._boxes_on_target()
+        g.new_box_position = g.old_box_position = None
+        return self._observation("Game started.")
+
+    def _step(self, action: str) -> Step:
+        g = self._game
+        name = str(action).strip().lower()
+        if name not in _ACTION_ID:
+            obs = self._observation(
+                f"Unknown action {str(action).strip()!r}. Valid actions: {', '.join(ACTIONS)}."
+            )
+            return Step(obs, reward=0.0, done=False, success=False, valid=False)
+
+        dr, dc = _DELTA[name]
+        before = tuple(int(x) for x in g.player_position)
+        ahead = (before[0] + dr, before[1] + dc)
+        box_ahead = int(g.room_state[ahead]) in (_BOX, _BOX_ON)
+        _, reward, _, info = g.step(_ACTION_ID[name], observation_mode="tiny_rgb_array")
+        success = bool(g._check_if_all_boxes_on_target())
+
+        if info["action.moved_box"]:
+            was_on = int(g.room_fixed[g.old_box_position]) == _TARGET
+            now_on = int(g.room_fixed[g.new_box_position]) == _TARGET
+            if now_on and not was_on:
+                feedback = "You pushed a box onto a target."
+            elif was_on and not now_on:
+                feedback = "You pushed a box off a target."
+            else:
+                feedback = f"You pushed a box {name}."
+        elif info["action.moved_player"]:
+            feedback = f"You moved {name}."
+        elif box_ahead:
+            feedback = "The box is blocked and did not move."
+        else:
+            feedback = "You bumped into a wall."
+        if success:
+            feedback += " All boxes are on targets. You solved the puzzle!"
+
+        obs = self._observation(
+            feedback,
+            action=name,
+            moved_player=bool(info["action.moved_player"]),
+            moved_box=bool(info["action.moved_box"]),
+        )
+        return Step(obs, reward=float(reward), done=success, success=success)
+
+    # -- native snapshot --------------------------------------------------------------------
+    def snapshot(self) -> Snapshot:
+        snap = super().snapshot()
+        g = self._game
+        snap.native = {
+            "room_state": g.room_state.copy(),
+            "room_fixed": g.room_fixed.copy(),
+            "player_position": np.array(g.player_position).copy(),
+            "boxes_on_target": int(g.boxes_on_target),
+            "num_env_steps": int(g.num_env_steps),
+            "reward_last": float(g.reward_last),
+            "task_id": self._task_id,
+            "actions": list(self._actions),
+            "obs_hash": snap.obs_hash,
+            "last_obs": copy.deepcopy(self._last_obs),
+        }
+        return snap
+
+    def restore(self, snap: Snapshot) -> Observation:
+        native = snap.native
+        if native is None:
+            return super().restore(snap)
+        g = self._make_game()
+        g.room_state = native["room_state"].copy()
+        g.room_fixed = native["room_fixed"].copy()
+        g.player_position = native["player_position"].copy()
+        g.boxes_on_target = native["boxes_on_target"]
+        g.num_env_steps = native["num_env_steps"]
+        g.reward_last = native["reward_last"]
+        g.new_box_position = g.old_box_position = None
+        self._task_id = native["task_id"]
+        self._actions = list(native["actions"])
+        self._last_obs = copy.deepcopy(native["last_obs"])
+        if obs_hash(self._last_obs.text) != native["obs_hash"]:
+            raise RuntimeError(f"{self.name}: corrupt native snapshot of task {snap.task_id!r}")
+        return copy.deepcopy(self._last_obs)
+
+    # -- expert -----------------------------------------------------------------------------
+    def expert(self, task_id: str, max_nodes: int = EXPERT_MAX_NODES) -> list[str] | None:
+        """A shortest action list (fewest moves) solving the task, by breadth-first search
+        over (player, boxes); None when unsolvable or the search exceeds `max_nodes` states.
+        Works on the task's initial room and leaves the current episode untouched."""
+        fixed, state = self.room(task_id)
+        return solve(fixed, state, max_nodes=max_nodes)
+
+
+def solve(
+    room_fixed: np.ndarray, room_state: np.ndarray, max_nodes: int = EXPERT_MAX_NODES
+) -> list[str] | None:
+    """Breadth-first search for a move-optimal solution of a gym-sokoban room."""
+    h, w = room_fixed.shape
+    walls = {(r, c) for r in range(h) for c in range(w) if int(room_fixed[r, c]) == _WALL}
+    targets = frozenset(
+        (r, c) for r in range(h) for c in range(w) if int(room_fixed[r, c]) == _TARGET
+    )
+    boxes0 = tuple(sorted((int(r), int(c)) for r, c in np.argwhere(np.isin(room_state, (3, 4)))))
+    player0 = tuple(int(x) for x in np.argwhere(room_state == _PLAYER)[0])
+    if set(boxes0) <= targets:
+        return []
+
+    def dead(cell: tuple[int, int]) -> bool:
+        """A box on a non-target cell in a wall corner can never move again."""
+        if cell in targets:
+            return False
+        r, c = cell
+        vertical = (r - 1, c) in walls or (r + 1, c) in walls
+        horizontal = (r, c - 1) in walls or (r, c + 1) in walls
+        return vertical and horizontal
+
+    start = (player0, boxes0)
+    parent: dict[Any, tuple[Any, str] | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        state = queue.popleft()
+        player, boxes = state
+        box_set = set(boxes)
+        for name in ACTIONS:
+            dr, dc = _DELTA[name]
+            nxt = (player[0] + dr, player[1] + dc)
+            if nxt in walls:
+                continue
+            if nxt in box_set:
+                beyond = (nxt[0] + dr, nxt[1] + dc)
+                if beyond in walls or beyond in box_set or dead(beyond):
+                    continue
+                new_boxes = tuple(sorted((box_set - {nxt}) | {beyond}))
+            else:
+                new_boxes = boxes
+            child = (nxt, new_boxes)
+            if child in parent:
+                continue
+            parent[child] = (state, name)
+            if new_boxes is not boxes and set(new_boxes) <= targets:
+                path = []
+                node: Any = child
+                while parent[node] is not None:
+                    node, move = parent[node]
+                    path.append(move)
+                return path[::-1]
+            if len(parent) >= max_nodes:
+                return None
+            queue.append(child)
+    return None

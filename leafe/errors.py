@@ -1,0 +1,20 @@
+"""User-facing errors: each says what went wrong, where, and how to fix it.
+
+The CLI turns any `UserError` into a message and exit code 2, never a traceback.
+"""
+
+
+class UserError(Exception):
+    """An error caused by the user's input (spec, flags, missing data or model)."""
+
+
+class SpecError(UserError):
+    """A spec that cannot be read or validated; carries every problem found."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class NonDeterministicEnvError(RuntimeError):
+    """Replaying an action prefix did not reproduce the recorded observation."""

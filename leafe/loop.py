@@ -1,0 +1,153 @@
+"""The one agent loop: a batch of episodes stepped in lockstep.
+
+Each turn renders every active episode's prompt from the environment preset's templates,
+calls the policy once for the whole batch, parses the actions, steps the environments and
+records every step. Training methods and evaluation all run through here.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from leafe.envs.base import Env, Observation
+from leafe.models.base import ChatModel, Conversation, Sampling
+from leafe.prompts import parse_action, render
+from leafe.seeds import derive_seed
+from leafe.spec.schema import EnvSpec
+
+
+def render_conversation(env_spec: EnvSpec, obs: Observation, history: list[dict], step: int) -> Conversation:
+    """The policy's conversation at one step (no experience, no reflection)."""
+    hist = history[-env_spec.history:] if env_spec.history else []
+    variables = dict(task=obs.task, observation=obs.text, admissible=obs.admissible,
+                     history=hist, step=step, max_steps=env_spec.max_steps)
+    conv: Conversation = []
+    if env_spec.prompt.system is not None:
+        conv.append({"role": "system", "content": render(env_spec.prompt.system, **variables)})
+    conv.append({"role": "user", "content": render(env_spec.prompt.user, **variables)})
+    return conv
+
+
+def render_action(env_spec: EnvSpec, action: str) -> str:
+    """An action written as the model should write it (for demonstrations)."""
+    return render(env_spec.action.render, action=action)
+
+
+@dataclass
+class Episode:
+    task_id: str
+    sample: int
+    env: Env
+    obs: Observation
+    history: list[dict] = field(default_factory=list)
+    step: int = 0
+    done: bool = False
+    success: bool = False
+    reward: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    invalid: int = 0
+    parse_failures: int = 0
+    interactions: int = 0
+    """Environment steps actually taken (unparsable replies do not reach the environment)."""
+
+    def summary(self) -> dict:
+        return {"kind": "episode", "task": self.task_id, "sample": self.sample, "steps": self.step,
+                "success": self.success, "reward": self.reward, "prompt_tokens": self.prompt_tokens,
+                "completion_tokens": self.completion_tokens, "invalid": self.invalid,
+                "parse_failures": self.parse_failures, "interactions": self.interactions}
+
+
+@dataclass
+class LoopStats:
+    turns: int = 0
+    env_steps: int = 0
+    generate_s: float = 0.0
+    total_s: float = 0.0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def run_episodes(
+    make_env: Callable[[], Env],
+    pairs: list[tuple[str, int]],
+    model: ChatModel,
+    sampling: Sampling,
+    env_spec: EnvSpec,
+    *,
+    seed: int,
+    on_step: Callable[[dict], None] | None = None,
+    on_episode: Callable[[dict], None] | None = None,
+    stats: LoopStats | None = None,
+) -> list[dict]:
+    """Run one episode per (task_id, sample) pair in lockstep; return the episode summaries
+    in input order. The same pairs, model and seed give the same episodes."""
+    stats = stats or LoopStats()
+    t0 = time.perf_counter()
+    episodes: list[Episode] = []
+    for task_id, sample in pairs:
+        env = make_env()
+        episodes.append(Episode(task_id, sample, env, env.reset(task_id)))
+    action_spec = env_spec.action
+    try:
+        turn = 0
+        while True:
+            active = [e for e in episodes if not e.done]
+            if not active:
+                break
+            convs = [render_conversation(env_spec, e.obs, e.history, e.step) for e in active]
+            g0 = time.perf_counter()
+            completions = model.generate(
+                convs, replace(sampling, n=1, stop=list(action_spec.stop), seed=derive_seed(seed, "turn", turn))
+            )
+            stats.generate_s += time.perf_counter() - g0
+            stats.turns += 1
+            turn += 1
+            for e, conv, c in zip(active, convs, completions):
+                action = parse_action(c.text, action_spec.pattern)
+                parsed = action is not None
+                if not parsed:
+                    e.parse_failures += 1
+                    if action_spec.on_parse_failure == "passthrough":
+                        action = c.text.strip()
+                if action is None:
+                    e.invalid += 1
+                    obs = Observation(text=action_spec.invalid_feedback + "\n" + e.obs.text,
+                                      task=e.obs.task, admissible=e.obs.admissible)
+                    reward, done, success, valid = 0.0, False, False, False
+                else:
+                    result = e.env.step(action)
+                    e.interactions += 1
+                    stats.env_steps += 1
+                    obs, reward, done, success, valid = (result.observation, result.reward,
+                                                         result.done, result.success, result.valid)
+                    if not valid:
+                        e.invalid += 1
+                record = {"kind": "step", "task": e.task_id, "sample": e.sample, "step": e.step,
+                          "prompt": conv, "completion": c.text, "action": action, "parsed": parsed,
+                          "valid": valid, "observation": obs.text, "reward": reward, "done": done,
+                          "success": success, "prompt_tokens": c.prompt_tokens,
+                          "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason}
+                e.history.append({"action": action if action is not None else c.text.strip(),
+                                  "observation": obs.text})
+                e.obs = obs
+                e.step += 1
+                e.reward += reward
+                e.prompt_tokens += c.prompt_tokens
+                e.completion_tokens += c.completion_tokens
+                stats.prompt_tokens += c.prompt_tokens
+                stats.completion_tokens += c.completion_tokens
+                e.success = e.success or success
+                if done or success or e.step >= env_spec.max_steps:
+                    e.done = True
+                if on_step:
+                    on_step(record)
+                if e.done and on_episode:
+                    on_episode(e.summary())
+    finally:
+        for e in episodes:
+            e.env.close()
+        stats.total_s += time.perf_counter() - t0
+    return [e.summary() for e in episodes]

@@ -1,0 +1,95 @@
+"""The run manifest: everything needed to know what produced a run directory."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+import leafe
+from leafe.plan import Plan
+from leafe.spec.loader import LoadedSpec
+from leafe.store import atomic_write_json, read_json
+
+PACKAGES = ["leafe", "pydantic", "typer", "rich", "pyyaml", "jinja2", "numpy", "torch",
+            "transformers", "trl", "peft", "accelerate", "tokenizers", "gguf", "gym-sokoban",
+            "vllm", "litellm"]
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def git_revision(cwd: Path | None = None) -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            r = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return r.stdout.strip() if r.returncode == 0 else None
+
+    # The leafe source tree when it is a checkout; else the current directory's repository.
+    src = Path(leafe.__file__).resolve().parent.parent
+    rev = git("-C", str(src), "rev-parse", "HEAD")
+    dirty = git("-C", str(src), "status", "--porcelain", "--untracked-files=no")
+    return {"revision": rev, "dirty": bool(dirty) if dirty is not None else None, "tree": str(src)}
+
+
+def host() -> dict:
+    info = {"hostname": socket.gethostname(), "platform": platform.platform(),
+            "python": platform.python_version(), "cpus": os.cpu_count()}
+    try:
+        import torch  # noqa: PLC0415 (only when already needed by the run)
+
+        if torch.cuda.is_available():
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    except ImportError:
+        pass
+    return info
+
+
+def write_manifest(loaded: LoadedSpec, plan: Plan) -> Path:
+    path = plan.root / "manifest.json"
+    created = None
+    if path.exists():
+        try:
+            created = read_json(path).get("created")
+        except (OSError, ValueError):
+            created = None
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    stages = []
+    models = {}
+    for s in plan.stages:
+        entry = {"id": s.id, "kind": s.kind, "hash": s.hash, "dir": s.dirname if s.kind != "report" else None,
+                 "deps": s.deps, "status": plan.status(s)}
+        model_file = plan.dir(s) / "model.json"
+        if model_file.exists():
+            models[s.id] = read_json(model_file)
+        stages.append(entry)
+    atomic_write_json(path, {
+        "leafe_version": leafe.__version__,
+        "spec_file": str(loaded.file) if loaded.file else None,
+        "spec": loaded.spec.model_dump(mode="json"),
+        "methods": {k: v.model_dump(mode="json") for k, v in loaded.methods.items()},
+        "env_options": loaded.env_options.model_dump(mode="json"),
+        "seeds": {"master": loaded.spec.seed,
+                  "derivation": "sha256 of (master, stage, chunk/turn names); see leafe.seeds"},
+        "stages": stages,
+        "models": models,
+        "packages": package_versions(),
+        "git": git_revision(),
+        "host": host(),
+        "created": created or now,
+        "updated": now,
+    })
+    return path

@@ -1,0 +1,52 @@
+"""What a method is: a config model and the training stages it adds to the plan.
+
+A method module must not import torch, transformers or TRL at import time (`leafe validate`
+and `leafe plan` load it to validate the spec); import them inside the stage functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from leafe.stage import StageContext
+
+
+class MethodConfig(BaseModel):
+    """Fields every method has."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: str
+    """The registered method type (defaults to the method's key in `methods:`)."""
+    init: str | None = None
+    """Start from the final checkpoint of another method in this spec (e.g. `init: sft`)."""
+
+
+@dataclass
+class StageDef:
+    """One training stage a method contributes."""
+
+    name: str
+    """Short name, unique within the method (e.g. `train`)."""
+    run: Callable[["StageContext"], None]
+    """Executes the stage; writes artifacts under `ctx.dir`."""
+    inputs: dict[str, Any] = field(default_factory=dict)
+    """Everything the result depends on besides upstream stages (hashed into the stage key)."""
+    version: int = 1
+    """Bump when the stage's behaviour changes, so cached results are not reused."""
+    produces_checkpoint: bool = False
+    """True when the stage writes `checkpoint/` (a model directory evaluation can load)."""
+
+
+class Method:
+    """A training method; subclasses set `Config` and implement `stages`."""
+
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+
+    def stages(self, instance: str, config: MethodConfig, spec: Any) -> list[StageDef]:
+        """Training stages in order (may be empty: evaluate the initial policy)."""
+        return []

@@ -1,0 +1,209 @@
+"""`sft`: imitation of the environment's expert trajectories (behaviour cloning).
+
+Demonstrations come from `Env.expert(task_id)` on the train tasks, rendered with the same
+prompt templates as the agent loop, so the model learns exactly the replies it must produce.
+Training is TRL's SFTTrainer on prompt-completion pairs with the loss on the assistant reply
+only (`completion_only_loss`), full fine-tuning or LoRA (merged into the saved checkpoint so
+evaluation loads one plain model directory). A killed stage resumes from the last trainer
+checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from leafe.methods.api import Method, MethodConfig, StageDef
+
+
+class LoraSpec(BaseModel):
+    """LoRA adapter settings (peft)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(16, ge=1)
+    """Adapter rank."""
+    alpha: int = Field(32, ge=1)
+    """Scaling numerator (lora_alpha)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    """Modules to adapt."""
+
+
+class TrainSpec(BaseModel):
+    """Supervised fine-tuning hyper-parameters (TRL SFTConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: float = Field(2.0, gt=0)
+    """Passes over the training examples."""
+    lr: float = Field(5e-5, gt=0)
+    """Peak learning rate."""
+    scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    """Learning-rate schedule."""
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Share of steps spent warming up."""
+    weight_decay: float = Field(0.0, ge=0)
+    """AdamW weight decay."""
+    batch_size: int = Field(8, ge=1)
+    """Examples per device per step."""
+    grad_accum: int = Field(1, ge=1)
+    """Gradient accumulation steps (effective batch = batch_size * grad_accum * devices)."""
+    max_length: int = Field(1024, ge=16)
+    """Token limit per example (longer ones are truncated)."""
+    lora: LoraSpec | None = None
+    """LoRA settings; null: full fine-tuning."""
+    save_steps: int = Field(50, ge=1)
+    """Trainer checkpoint interval (a killed stage resumes from the last one)."""
+
+
+class SFTConfig(MethodConfig):
+    """Imitation of expert trajectories."""
+
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    """Fine-tuning hyper-parameters."""
+
+
+def collect_demonstrations(ctx, budget: int) -> tuple[list[dict], dict]:
+    """Expert trajectories on the train tasks as prompt-completion examples.
+
+    Executing the expert's actions costs interactions like any other rollout; at most `budget`
+    per task are spent. Returns the examples and statistics."""
+    from leafe.loop import render_action, render_conversation
+
+    spec = ctx.spec
+    env = ctx.make_env()
+    examples: list[dict] = []
+    stats = {"tasks": 0, "no_expert": 0, "expert_failed": 0, "interactions": 0, "truncated": 0}
+    try:
+        for task in ctx.tasks("train"):
+            stats["tasks"] += 1
+            actions = env.expert(task)
+            if not actions:
+                stats["no_expert"] += 1
+                continue
+            truncated = len(actions) > min(budget, spec.env.max_steps)
+            if truncated:
+                stats["truncated"] += 1
+                actions = actions[: min(budget, spec.env.max_steps)]
+            obs = env.reset(task)
+            history: list[dict] = []
+            steps: list[dict] = []
+            success = False
+            for i, action in enumerate(actions):
+                conv = render_conversation(spec.env, obs, history, i)
+                steps.append({"task": task, "step": i, "prompt": conv, "completion": [
+                    {"role": "assistant", "content": render_action(spec.env, action)}]})
+                result = env.step(action)
+                stats["interactions"] += 1
+                history.append({"action": action, "observation": result.observation.text})
+                obs = result.observation
+                success = result.success
+                if result.done:
+                    break
+            if not success and not truncated:
+                stats["expert_failed"] += 1
+            examples += steps
+    finally:
+        env.close()
+    return examples, stats
+
+
+def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
+    """Fine-tune the stage's starting policy on prompt-completion `examples`; write
+    `checkpoint/` (a plain model directory) and return training statistics."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig as TRLSFTConfig
+    from trl import SFTTrainer
+
+    from leafe.models.builtin import resolve
+    from leafe.store import atomic_replace_dir, atomic_write_json
+
+    start = ctx.start_checkpoint()
+    policy = ctx.policy_spec(start)
+    path, provenance = resolve(policy.name, policy.revision)
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+    peft_config = None
+    if train.lora is not None:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
+                                 target_modules=train.lora.target_modules, task_type="CAUSAL_LM")
+
+    out = ctx.dir / "trainer"
+    args = TRLSFTConfig(
+        output_dir=str(out), num_train_epochs=train.epochs, learning_rate=train.lr,
+        lr_scheduler_type=train.scheduler, warmup_ratio=train.warmup_ratio,
+        weight_decay=train.weight_decay, per_device_train_batch_size=train.batch_size,
+        gradient_accumulation_steps=train.grad_accum, max_length=train.max_length,
+        completion_only_loss=True, logging_steps=1, save_strategy="steps",
+        save_steps=train.save_steps, save_total_limit=1, report_to="none", seed=seed,
+        data_seed=seed, bf16=dtype == torch.bfloat16, use_cpu=not cuda,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    dataset = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config)
+    resume = any(p.name.startswith("checkpoint-") for p in out.glob("checkpoint-*")) if out.exists() else False
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+
+    final = trainer.model
+    if peft_config is not None:
+        final = final.merge_and_unload()
+    tmp = ctx.dir / ".checkpoint.tmp"
+    final.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    atomic_write_json(tmp / "leafe_model.json", {"trained_from": provenance, "stage": ctx.stage.id,
+                                                 "method": "sft", "lora": peft_config is not None})
+    atomic_replace_dir(tmp, ctx.dir / "checkpoint")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    atomic_write_json(ctx.dir / "train_log.json", trainer.state.log_history)
+    return {"train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "steps": trainer.state.global_step,
+            "examples": len(examples), "resumed": resume}
+
+
+def run_sft_stage(ctx) -> None:
+    from leafe.seeds import derive_seed
+    from leafe.store import RecordLog, atomic_write_json
+
+    cfg: SFTConfig = ctx.loaded.methods[ctx.stage.method]
+    demos_file = ctx.dir / "demos.jsonl"
+    stats_file = ctx.dir / "demos.json"
+    if stats_file.exists():  # demonstrations were collected completely before a restart
+        from leafe.store import read_json
+
+        examples, stats = RecordLog(demos_file).read(), read_json(stats_file)
+    else:
+        examples, stats = collect_demonstrations(ctx, ctx.spec.budget.interactions_per_task)
+        RecordLog(demos_file).rewrite(examples)
+        atomic_write_json(stats_file, stats)
+    if not examples:
+        from leafe.errors import UserError
+
+        raise UserError(f"{ctx.stage.id}: no expert demonstrations: environment "
+                        f"{ctx.spec.env.adapter!r} gave no expert trajectory for any train task")
+    ctx.console.print(f"  {len(examples)} demonstration steps from {stats['tasks']} tasks "
+                      f"({stats['interactions']} interactions)")
+    train_stats = train_sft(ctx, examples, cfg.train, derive_seed(ctx.spec.seed, ctx.stage.id))
+    ctx.console.print(f"  trained {train_stats['steps']} steps, loss {train_stats['first_loss']:.3f} → "
+                      f"{train_stats['last_loss']:.3f}")
+    atomic_write_json(ctx.dir / "metrics.json", {**stats, **train_stats})
+
+
+class SFTMethod(Method):
+    Config = SFTConfig
+
+    def stages(self, instance, config, spec):
+        return [StageDef("train", run=run_sft_stage, produces_checkpoint=True)]

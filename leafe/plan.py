@@ -1,0 +1,162 @@
+"""Compile a spec into a stage graph: per method its training stages, then one evaluation
+per method, then the report. Each stage is keyed by a hash of its resolved inputs (spec slice,
+upstream hashes, code version), so a changed input re-runs exactly what depends on it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import leafe
+from leafe.errors import SpecError
+from leafe.spec.loader import LoadedSpec
+
+EVAL_VERSION = 1
+
+
+@dataclass
+class PlannedStage:
+    id: str
+    """`<method>.<stage>` for training, `eval.<method>`, or `report`."""
+    kind: str
+    """train, eval or report."""
+    method: str | None
+    deps: list[str]
+    inputs: dict[str, Any]
+    version: int = 1
+    run: Callable | None = None
+    produces_checkpoint: bool = False
+    hash: str = ""
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.id}-{self.hash[:12]}"
+
+
+@dataclass
+class Plan:
+    name: str
+    root: Path
+    """runs/<name>/"""
+    stages: list[PlannedStage]
+    checkpoint_of: dict[str, str | None] = field(default_factory=dict)
+    """Per method: the stage whose checkpoint evaluation loads (None: the initial policy)."""
+
+    def stage(self, sid: str) -> PlannedStage:
+        return next(s for s in self.stages if s.id == sid)
+
+    def dir(self, stage: PlannedStage) -> Path:
+        return self.root / stage.dirname
+
+    def status(self, stage: PlannedStage) -> str:
+        """done, partial (has artifacts, will resume) or todo."""
+        if stage.kind == "report":
+            return "always"
+        d = self.dir(stage)
+        if (d / "DONE").exists():
+            return "done"
+        if d.exists() and any(d.iterdir()):
+            return "partial"
+        return "todo"
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
+    from leafe import methods as registry
+
+    spec = loaded.spec
+    common = {
+        "seed": spec.seed,
+        "env": spec.env.model_dump(mode="json"),
+        "env_options": loaded.env_options.model_dump(mode="json"),
+        "policy": spec.models.policy.model_dump(mode="json"),
+    }
+    per_method: dict[str, list[PlannedStage]] = {}
+    for name, cfg in loaded.methods.items():
+        method = registry.get(loaded.method_types[name])
+        stages = []
+        for sd in method.stages(name, cfg, loaded):
+            stages.append(PlannedStage(
+                id=f"{name}.{sd.name}", kind="train", method=name, deps=[],
+                inputs={**common, "budget": spec.budget.model_dump(mode="json"),
+                        "reflector": spec.reflector().model_dump(mode="json"),
+                        "method": cfg.model_dump(mode="json"), "stage": sd.inputs},
+                version=sd.version, run=sd.run, produces_checkpoint=sd.produces_checkpoint,
+            ))
+        for a, b in zip(stages, stages[1:]):
+            b.deps.append(a.id)
+        per_method[name] = stages
+
+    # Final checkpoint per method, following `init:` chains (cycles are spec errors).
+    checkpoint_of: dict[str, str | None] = {}
+
+    def final(name: str, chain: tuple[str, ...] = ()) -> str | None:
+        if name in checkpoint_of:
+            return checkpoint_of[name]
+        if name in chain:
+            raise SpecError([f"{loaded.where('methods', name, 'init')}: methods.{name}.init: "
+                             f"init cycle: {' -> '.join(chain + (name,))}"])
+        own = [s for s in per_method[name] if s.produces_checkpoint]
+        if own:
+            result = own[-1].id
+        else:
+            init = loaded.methods[name].init
+            result = final(init, chain + (name,)) if init else None
+        checkpoint_of[name] = result
+        return result
+
+    for name in per_method:
+        final(name)
+        init = loaded.methods[name].init
+        if init and per_method[name]:
+            start = final(init)
+            if start:
+                per_method[name][0].deps.insert(0, start)
+
+    stages: list[PlannedStage] = []
+    for name in per_method:
+        stages += per_method[name]
+    for name in per_method:
+        ck = checkpoint_of[name]
+        stages.append(PlannedStage(
+            id=f"eval.{name}", kind="eval", method=name, deps=[ck] if ck else [],
+            inputs={**common, "eval": spec.eval.model_dump(mode="json")}, version=EVAL_VERSION,
+        ))
+    stages.append(PlannedStage(
+        id="report", kind="report", method=None, deps=[s.id for s in stages if s.kind == "eval"],
+        inputs={"report": spec.report.model_dump(mode="json")},
+    ))
+    stages = _toposort(stages)
+    hashes: dict[str, str] = {}
+    for s in stages:
+        s.hash = _digest({"id": s.id, "kind": s.kind, "inputs": s.inputs, "version": s.version,
+                          "code": leafe.__version__, "deps": {d: hashes[d] for d in s.deps}})
+        hashes[s.id] = s.hash
+    return Plan(spec.name, Path(runs_dir) / spec.name, stages, checkpoint_of)
+
+
+def _toposort(stages: list[PlannedStage]) -> list[PlannedStage]:
+    by_id = {s.id: s for s in stages}
+    out: list[PlannedStage] = []
+    state: dict[str, int] = {}
+
+    def visit(s: PlannedStage) -> None:
+        if state.get(s.id) == 2:
+            return
+        if state.get(s.id) == 1:
+            raise SpecError([f"stage cycle through {s.id}; check the methods' `init:` fields"])
+        state[s.id] = 1
+        for d in s.deps:
+            visit(by_id[d])
+        state[s.id] = 2
+        out.append(s)
+
+    for s in stages:
+        visit(s)
+    return out

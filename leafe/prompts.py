@@ -1,0 +1,44 @@
+"""Prompt templates: sandboxed Jinja2 (specs are data, never code)."""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+from jinja2 import StrictUndefined, TemplateSyntaxError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+@functools.lru_cache(maxsize=1)
+def _jinja() -> ImmutableSandboxedEnvironment:
+    return ImmutableSandboxedEnvironment(
+        undefined=StrictUndefined, keep_trailing_newline=False, trim_blocks=True, lstrip_blocks=True
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _compile(source: str):
+    return _jinja().from_string(source)
+
+
+def check_template(source: str) -> str | None:
+    """None if `source` compiles, else the error message."""
+    try:
+        _compile(source)
+    except TemplateSyntaxError as e:
+        return f"line {e.lineno} of the template: {e.message}"
+    return None
+
+
+def render(source: str, **variables: Any) -> str:
+    return _compile(source).render(**variables).strip()
+
+
+def parse_action(text: str, pattern: str) -> str | None:
+    """The action in a reply: group 1 of the first match (or the whole match), else None."""
+    m = re.search(pattern, text, flags=re.DOTALL)
+    if not m:
+        return None
+    action = m.group(1) if m.groups() else m.group(0)
+    return action.strip() if action is not None else None

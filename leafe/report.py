@@ -1,0 +1,117 @@
+"""Reports: the methods x Pass@k table, recomputed from the evaluation records.
+
+Reads only run records (never models or trainers). Table rendering is tabulate's (Markdown)
+and rich's (terminal).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from tabulate import tabulate
+
+from leafe.metrics import episode_metrics
+from leafe.plan import Plan
+from leafe.spec.loader import LoadedSpec
+from leafe.stage import read_episodes
+from leafe.store import atomic_write_json, atomic_write_text, read_json
+
+REPORT_VERSION = 1
+
+
+def collect(loaded: LoadedSpec, plan: Plan) -> dict:
+    """The report's data: one row per method, from its evaluation records."""
+    spec = loaded.spec
+    rows = []
+    for name in loaded.methods:
+        ev = plan.stage(f"eval.{name}")
+        episodes = read_episodes(plan.dir(ev)) if plan.status(ev) == "done" else []
+        train_interactions = 0
+        for s in plan.stages:
+            mf = plan.dir(s) / "metrics.json"
+            if s.kind == "train" and s.method == name and mf.exists():
+                train_interactions += int(read_json(mf).get("interactions", 0))
+        row = {"method": name, "type": loaded.method_types[name], "status": plan.status(ev),
+               "train_interactions": train_interactions}
+        if episodes:
+            m = episode_metrics(episodes, spec.eval.k)
+            m.pop("per_task")
+            row.update(m)
+        rows.append(row)
+    return {"report_version": REPORT_VERSION, "name": spec.name, "env": spec.env.adapter,
+            "model": spec.models.policy.name, "k": spec.eval.k, "samples": spec.eval.samples,
+            "rows": rows,
+            "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def _cells(data: dict) -> tuple[list[str], list[list[str]]]:
+    ks = data["k"]
+    header = ["method"] + [f"pass@{k}" for k in ks] + [f"pass^{ks[-1]}", "success", "steps",
+                                                       "tokens", "train interactions"]
+    body = []
+    best = {k: max((r["pass@k"][str(k)] for r in data["rows"] if "pass@k" in r), default=None) for k in ks}
+    for r in data["rows"]:
+        if "pass@k" not in r:
+            body.append([r["method"]] + ["(not run)"] * (len(header) - 1))
+            continue
+        cells = [r["method"]]
+        for k in ks:
+            v = r["pass@k"][str(k)]
+            s = f"{100 * v:.1f}"
+            cells.append(f"**{s}**" if best[k] is not None and abs(v - best[k]) < 1e-12 and v > 0 else s)
+        cells += [f"{100 * r['pass^k'][str(ks[-1])]:.1f}", f"{100 * r['success_rate']:.1f}",
+                  f"{r['mean_steps']:.1f}", f"{r['prompt_tokens'] + r['completion_tokens']:,}",
+                  f"{r['train_interactions']:,}"]
+        body.append(cells)
+    return header, body
+
+
+def to_markdown(data: dict) -> str:
+    header, body = _cells(data)
+    lines = [
+        f"# {data['name']}",
+        "",
+        f"Environment `{data['env']}`, policy `{data['model']}`, {data['samples']} samples per test "
+        f"task. Pass@k (unbiased estimator) and pass^k in %, best per column in bold; steps are "
+        f"mean policy steps per episode; tokens are prompt + completion tokens in evaluation.",
+        "",
+        tabulate(body, headers=header, tablefmt="github", disable_numparse=True),
+        "",
+    ]
+    tasks = {r.get("tasks") for r in data["rows"] if "tasks" in r}
+    if tasks:
+        lines.append(f"Test tasks: {', '.join(map(str, sorted(tasks)))}. Generated {data['generated']} by leafe.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_rich(data: dict) -> Table:
+    header, body = _cells(data)
+    table = Table(title=f"{data['name']} — pass@k (%)", title_justify="left")
+    for i, h in enumerate(header):
+        table.add_column(h, justify="left" if i == 0 else "right")
+    for row in body:
+        table.add_row(*[c.replace("**", "") if not c.startswith("**") else f"[bold]{c.strip('*')}[/bold]" for c in row])
+    return table
+
+
+def write_reports(loaded: LoadedSpec, plan: Plan, reports_dir: Path | str, console: Console | None) -> dict:
+    data = collect(loaded, plan)
+    out = Path(reports_dir)
+    written = []
+    for fmt in loaded.spec.report.formats:
+        path = out / f"{data['name']}.{fmt}"
+        if fmt == "md":
+            atomic_write_text(path, to_markdown(data))
+        elif fmt == "json":
+            atomic_write_json(path, data)
+        written.append(str(path))
+    if console is not None:
+        console.print(to_rich(data))
+        for w in written:
+            console.print(f"report written: {w}")
+    data["written"] = written
+    return data

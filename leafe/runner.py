@@ -1,0 +1,75 @@
+"""Execute a plan: run every stage that is not done, in dependency order, then the report.
+
+A finished stage (DONE marker) is reused; a partial one resumes from its records. One run at a
+time per run directory (an advisory file lock).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+
+from leafe.errors import UserError
+from leafe.manifest import write_manifest
+from leafe.plan import Plan, build_plan
+from leafe.report import write_reports
+from leafe.spec.loader import LoadedSpec
+from leafe.stage import StageContext, run_eval
+from leafe.store import atomic_write_json, atomic_write_text
+
+
+@contextmanager
+def run_lock(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    f = open(root / ".lock", "w")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.close()
+        raise UserError(f"{root} is in use by another `leafe run`; wait for it or stop it") from None
+    try:
+        yield
+    finally:
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
+
+
+def run(loaded: LoadedSpec, runs_dir: Path | str = "runs", reports_dir: Path | str = "reports",
+        console: Console | None = None) -> dict:
+    console = console or Console()
+    plan = build_plan(loaded, runs_dir)
+    with run_lock(plan.root):
+        write_manifest(loaded, plan)
+        for stage in plan.stages:
+            if stage.kind == "report":
+                continue
+            status = plan.status(stage)
+            if status == "done":
+                console.print(f"[dim]✓ {stage.id} (cached: {plan.dir(stage)})[/dim]")
+                continue
+            d = plan.dir(stage)
+            d.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(d / "stage.json", {"id": stage.id, "kind": stage.kind, "hash": stage.hash,
+                                                 "deps": stage.deps, "inputs": stage.inputs,
+                                                 "version": stage.version})
+            verb = "resuming" if status == "partial" else "running"
+            console.print(f"[bold]▶ {verb} {stage.id}[/bold] → {d}")
+            ctx = StageContext(loaded, plan, stage, d, console)
+            t0 = time.perf_counter()
+            if stage.kind == "eval":
+                run_eval(ctx)
+            else:
+                assert stage.run is not None
+                stage.run(ctx)
+            atomic_write_text(d / "DONE", f"{time.perf_counter() - t0:.1f} s\n")
+            write_manifest(loaded, plan)
+        data = write_reports(loaded, plan, reports_dir, console)
+    return data
+
+
+def plan_only(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
+    return build_plan(loaded, runs_dir)

