@@ -116,6 +116,10 @@ def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
         init = loaded.methods[name].init
         if init and per_method[name]:
             start = final(init)
+            if start and start in {s.id for s in per_method[name]}:
+                raise SpecError([f"{loaded.where('methods', name, 'init')}: methods.{name}.init: "
+                                 f"init cycle: {name} starts from {init}, which ends with "
+                                 f"{name}'s own checkpoint"])
             if start:
                 per_method[name][0].deps.insert(0, start)
 

@@ -2,7 +2,12 @@
 
 Rooms come from gym-sokoban's generator (`room_utils.generate_room`), seeded per task id from a
 SHA-256 of (room size, number of boxes, split, index, attempt), so a task id always names the
-same room and the train and test splits never share a seed. Moves go through the unwrapped
+same room and the train and test splits never share a seed. The generator's space is small
+(at 6x6 with one box about a third of the test seeds give a room of the train split), so the
+test split is held out by construction: a test task takes the first attempt whose room (same
+room_fixed and initial room_state) is neither a room of the `train_size` train tasks nor the
+room of a lower test index. Test rooms are therefore generated in index order; they and the
+train rooms' fingerprints are cached per process. Moves go through the unwrapped
 `gym_sokoban.envs.SokobanEnv.step` (push actions 1-4, which also move when nothing is pushed),
 with the episode step limit disabled: episodes end only when every box is on a target.
 
@@ -41,6 +46,9 @@ LEGEND = "# wall, _ floor, O target, X box, √ box on target, P player, S playe
 
 #: How many differently seeded attempts the generator gets before a task is declared impossible.
 MAX_GENERATION_ATTEMPTS = 100
+#: The same for a test task, whose attempts also skip rooms of the train split and of lower
+#: test indices.
+MAX_HELD_OUT_ATTEMPTS = 2000
 #: Default node cap of the expert's breadth-first search.
 EXPERT_MAX_NODES = 500_000
 
@@ -48,6 +56,9 @@ EXPERT_MAX_NODES = 500_000
 _NO_STEP_LIMIT = 2**62
 
 _gym_sokoban_env_module: Any = None
+
+#: (dim, num_boxes, generation_steps, train_size) -> the held-out test split built so far.
+_HELD_OUT: dict[tuple[Any, ...], _HeldOutRooms] = {}
 
 
 def _pkg_resources_shim() -> types.ModuleType:
@@ -96,6 +107,38 @@ def _seed(*parts: Any) -> int:
     return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:4], "big")
 
 
+def room_fingerprint(room_fixed: np.ndarray, room_state: np.ndarray) -> bytes:
+    """A digest naming a puzzle: equal exactly when the shape, room_fixed and initial
+    room_state are equal."""
+    fixed = np.ascontiguousarray(room_fixed, dtype=np.int64)
+    state = np.ascontiguousarray(room_state, dtype=np.int64)
+    digest = hashlib.sha256(repr((fixed.shape, state.shape)).encode("utf-8"))
+    digest.update(fixed.tobytes())
+    digest.update(state.tobytes())
+    return digest.digest()
+
+
+@contextlib.contextmanager
+def _preserved_global_rng() -> Any:
+    """gym-sokoban draws from the global `random` and `np.random`; leave them as they were."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+class _HeldOutRooms:
+    """The test split of one room configuration, generated in index order."""
+
+    def __init__(self, train_fingerprints: set[bytes]):
+        self.train = frozenset(train_fingerprints)
+        #: Fingerprints of the train rooms and of every test room generated so far.
+        self.excluded = set(train_fingerprints)
+        self.rooms: list[tuple[np.ndarray, np.ndarray]] = []
+
+
 def render_grid(room_state: np.ndarray, room_fixed: np.ndarray) -> str:
     """The room as text, one row per line (see `LEGEND`)."""
     rows = []
@@ -121,7 +164,15 @@ class SokobanEnv(Env):
     name = "sokoban"
 
     class Options(EnvOptions):
-        """Options of the sokoban environment."""
+        """Options of the sokoban environment.
+
+        The test split is held out: no test room equals a train room (same room_fixed and
+        initial room_state) of the `train_size` train tasks, and no two test tasks share a
+        room. A test task whose first generated room is taken retries, deterministically, with
+        the next attempt seed; the first test task generated in a process builds the train
+        split's fingerprints once (about 2-4 s for 1000 rooms at 6x6-7x7), and test rooms are
+        generated in index order. Changing `train_size` can therefore change test rooms.
+        """
 
         model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -174,45 +225,127 @@ class SokobanEnv(Env):
     def room(self, task_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(room_fixed, initial room_state) of a task, generated once and cached."""
         if task_id not in self._rooms:
-            self._rooms[task_id] = self._generate(*self._parse_task(task_id))
+            split, index = self._parse_task(task_id)
+            if split == "test":
+                self._rooms[task_id] = self._held_out_room(index)
+            else:
+                self._rooms[task_id] = self._generate(split, index)
         fixed, state = self._rooms[task_id]
         return fixed.copy(), state.copy()
 
-    def _generate(self, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
-        _sokoban_env_module()
+    def _attempt(
+        self, split: str, index: int, attempt: int
+    ) -> tuple[np.ndarray, np.ndarray] | str:
+        """The room of one seeded generator attempt, or why there is none. The caller keeps
+        the global RNGs (see `_preserved_global_rng`)."""
         from gym_sokoban.envs.room_utils import generate_room
 
         o = self.options
         h, w = o.dim
-        py_state, np_state = random.getstate(), np.random.get_state()
-        errors: list[str] = []
+        seed = _seed(f"{h}x{w}", o.num_boxes, split, index, attempt)
+        random.seed(seed)
+        np.random.seed(seed)
         try:
+            fixed, state, _ = generate_room(
+                dim=(h, w), num_steps=o.generation_steps, num_boxes=o.num_boxes
+            )
+        except (RuntimeError, RuntimeWarning) as e:
+            return str(e)
+        fixed = np.asarray(fixed, dtype=np.int64)
+        state = np.asarray(state, dtype=np.int64)
+        # The generator marks every box as "off target" (4); mark the ones that start on a
+        # target as 3, as gym-sokoban's own push does.
+        boxes = (state == _BOX) | (state == _BOX_ON)
+        state[boxes] = np.where(fixed[boxes] == _TARGET, _BOX_ON, _BOX)
+        if not (state == _BOX).any():  # never hand out an already solved room
+            return "generated room is already solved"
+        return fixed, state
+
+    def _generate(self, split: str, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The room of a task: its first successful attempt (test tasks: `_held_out_room`)."""
+        _sokoban_env_module()
+        o = self.options
+        errors: list[str] = []
+        with _preserved_global_rng():
             for attempt in range(MAX_GENERATION_ATTEMPTS):
-                seed = _seed(f"{h}x{w}", o.num_boxes, split, index, attempt)
-                random.seed(seed)
-                np.random.seed(seed)
-                try:
-                    fixed, state, _ = generate_room(
-                        dim=(h, w), num_steps=o.generation_steps, num_boxes=o.num_boxes
-                    )
-                except (RuntimeError, RuntimeWarning) as e:
-                    errors.append(str(e))
-                    continue
-                fixed = np.asarray(fixed, dtype=np.int64)
-                state = np.asarray(state, dtype=np.int64)
-                # The generator marks every box as "off target" (4); mark the ones that start
-                # on a target as 3, as gym-sokoban's own push does.
-                boxes = (state == _BOX) | (state == _BOX_ON)
-                state[boxes] = np.where(fixed[boxes] == _TARGET, _BOX_ON, _BOX)
-                if (state == _BOX).any():  # never hand out an already solved room
-                    return fixed, state
-                errors.append("generated room is already solved")
-        finally:
-            random.setstate(py_state)
-            np.random.set_state(np_state)
+                room = self._attempt(split, index, attempt)
+                if not isinstance(room, str):
+                    return room
+                errors.append(room)
         raise RuntimeError(
             f"sokoban: no room generated for {split}-{index:05d} with dim={o.dim}, "
             f"num_boxes={o.num_boxes} in {MAX_GENERATION_ATTEMPTS} attempts (last error: "
+            f"{errors[-1] if errors else '?'}); use a larger room or fewer boxes"
+        )
+
+    def _held_out_key(self) -> tuple[Any, ...]:
+        o = self.options
+        return (tuple(o.dim), o.num_boxes, o.generation_steps, o.train_size)
+
+    def train_fingerprints(self) -> frozenset[bytes]:
+        """`room_fingerprint`s of the rooms of all `train_size` train tasks (built once per
+        process and configuration, from the generator, not from this instance's cache)."""
+        return self._held_out().train
+
+    def _held_out(self) -> _HeldOutRooms:
+        key = self._held_out_key()
+        held = _HELD_OUT.get(key)
+        if held is None:
+            fingerprints = set()
+            for i in range(self.options.train_size):
+                try:
+                    fingerprints.add(room_fingerprint(*self._generate("train", i)))
+                except RuntimeError:  # a train task without a room shares none
+                    continue
+            held = _HELD_OUT[key] = _HeldOutRooms(fingerprints)
+        return held
+
+    def _held_out_room(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """Room of test task `index`: its first attempt whose room is neither a train room nor
+        the room of a lower test index. Generates the lower test indices first (in order), so
+        the result does not depend on which tasks were asked for before."""
+        held = self._held_out()
+        while len(held.rooms) <= index:
+            i = len(held.rooms)
+            room = self._next_held_out_room(held, i)
+            held.excluded.add(room_fingerprint(*room))
+            held.rooms.append(room)
+        fixed, state = held.rooms[index]
+        return fixed.copy(), state.copy()
+
+    def _next_held_out_room(
+        self, held: _HeldOutRooms, index: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        _sokoban_env_module()
+        o = self.options
+        errors: list[str] = []
+        as_train = as_test = 0
+        with _preserved_global_rng():
+            for attempt in range(MAX_HELD_OUT_ATTEMPTS):
+                room = self._attempt("test", index, attempt)
+                if isinstance(room, str):
+                    errors.append(room)
+                    continue
+                fingerprint = room_fingerprint(*room)
+                if fingerprint not in held.excluded:
+                    return room
+                if fingerprint in held.train:
+                    as_train += 1
+                else:
+                    as_test += 1
+        if as_train or as_test:
+            raise RuntimeError(
+                f"sokoban: no held-out room for test-{index:05d} with dim={o.dim}, "
+                f"num_boxes={o.num_boxes}, generation_steps={o.generation_steps}, "
+                f"train_size={o.train_size}: of {MAX_HELD_OUT_ATTEMPTS} attempts, "
+                f"{as_train} gave a room of the train split, {as_test} the room of a lower test "
+                f"index and {len(errors)} failed; the generator's rooms of this size are nearly "
+                "all taken: use a larger room (dim), more boxes, fewer train tasks (train_size) "
+                "or fewer test tasks (test_size)"
+            )
+        raise RuntimeError(
+            f"sokoban: no room generated for test-{index:05d} with dim={o.dim}, "
+            f"num_boxes={o.num_boxes} in {MAX_HELD_OUT_ATTEMPTS} attempts (last error: "
             f"{errors[-1] if errors else '?'}); use a larger room or fewer boxes"
         )
 

@@ -275,7 +275,7 @@ def _eos_ids(tokenizer: Any, *tokens: str) -> list[int]:
 def build_smollm2(out: Path) -> dict[str, Any]:
     """Convert the GGUF SmolLM2-135M-Instruct to a float32 safetensors directory in `out`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     gguf = smollm2_gguf_path()
     log.info("converting %s to a Hugging Face directory (once, ~20 s)", gguf)
@@ -287,7 +287,6 @@ def build_smollm2(out: Path) -> dict[str, Any]:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
     original = tokenizer.chat_template or SMOLLM2_CHAT_TEMPLATE
     tokenizer.chat_template = SMOLLM2_TRAINING_CHAT_TEMPLATE
@@ -297,11 +296,15 @@ def build_smollm2(out: Path) -> dict[str, Any]:
     if tokenizer.eos_token != "<|im_end|>":
         tokenizer.eos_token = "<|im_end|>"
     model.config.eos_token_id = eos[0]
-    model.generation_config.eos_token_id = eos
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = "<|im_end|>"
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.model_max_length = model.config.max_position_embeddings
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id
+    )
 
+    for k in ("is_local", "local_files_only", "gguf_file"):  # loader arguments, not settings
+        tokenizer.init_kwargs.pop(k, None)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     _verify_reload(out, model, tokenizer)
