@@ -159,7 +159,9 @@ def render_grid(room_state: np.ndarray, room_fixed: np.ndarray) -> str:
 
 
 class SokobanEnv(Env):
-    """Sokoban rooms from gym-sokoban; actions `up`, `down`, `left`, `right`."""
+    """Sokoban rooms from gym-sokoban; actions `up`, `down`, `left`, `right`.
+
+    The test split is held out: no test room equals a train room (see `Options`)."""
 
     name = "sokoban"
 

@@ -127,9 +127,12 @@ class TransformersModel(ChatModel):
             num_return_sequences=1,
             stop_strings=stop or None,
             # Explicit neutral values, so the model's own defaults do not leak in.
-            top_k=0,
             repetition_penalty=1.0,
-            **({} if greedy else {"temperature": sampling.temperature, "top_p": sampling.top_p}),
+            **(
+                {}
+                if greedy
+                else {"temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
+            ),
         )
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)

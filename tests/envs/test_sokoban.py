@@ -13,7 +13,8 @@ from pydantic import ValidationError
 
 from leafe import envs
 from leafe.envs.base import Snapshot, obs_hash
-from leafe.envs.sokoban import ACTIONS, SokobanEnv, solve
+from leafe.envs import sokoban
+from leafe.envs.sokoban import ACTIONS, SokobanEnv, room_fingerprint, solve
 
 #: grid character -> (room_fixed code, room_state code)
 CODES = {
@@ -109,7 +110,98 @@ def test_rooms_are_deterministic_across_instances():
 def test_train_and_test_rooms_differ(env):
     train = [grid_of(env.reset(f"train-{i:05d}").text) for i in range(20)]
     test = [grid_of(env.reset(f"test-{i:05d}").text) for i in range(20)]
-    assert sum(a != b for a, b in zip(train, test)) >= 15
+    assert all(a != b for a, b in zip(train, test))
+
+
+def _puzzle(room: tuple[np.ndarray, np.ndarray]) -> tuple[tuple[int, ...], bytes, bytes]:
+    fixed, state = room
+    return fixed.shape, fixed.astype(np.int64).tobytes(), state.astype(np.int64).tobytes()
+
+
+def test_test_split_is_held_out_from_train(env):
+    # 6x6 with one box: without holding out, 64 of these 200 test rooms were train rooms
+    train = {_puzzle(env.room(t)) for t in env.tasks("train")}  # all 1000
+    test = [_puzzle(env.room(t)) for t in env.tasks("test")]  # all 200
+    assert not train & set(test)
+    assert len(set(test)) == len(test)  # no two test tasks share a room
+    assert env.train_fingerprints() == {
+        room_fingerprint(*env.room(t)) for t in env.tasks("train")
+    }
+
+
+def test_held_out_rooms_with_few_train_tasks(monkeypatch):
+    monkeypatch.setattr(sokoban, "_HELD_OUT", {})
+    env = envs.make("sokoban", dim=[6, 6], num_boxes=1, train_size=50, test_size=200)
+    train = {_puzzle(env.room(t)) for t in env.tasks("train")}
+    test = [_puzzle(env.room(t)) for t in env.tasks("test")]
+    assert not train & set(test) and len(set(test)) == len(test)
+    # a test task retries only when its first room is taken
+    taken, retried = set(train), 0
+    for index, room in enumerate(test[:60]):
+        first = _puzzle(env._generate("test", index))  # the room of its first attempt
+        if first in taken:
+            retried += 1
+        else:
+            assert room == first
+        taken.add(room)
+    assert 0 < retried < 30
+    assert set(sokoban._HELD_OUT) == {((6, 6), 1, 20, 50)}  # cached per train size
+
+
+def test_test_rooms_are_deterministic_across_instances_and_processes(monkeypatch):
+    ids = [f"test-{i:05d}" for i in range(30)]
+    monkeypatch.setattr(sokoban, "_HELD_OUT", {})
+    a = envs.make("sokoban", dim=[6, 6], train_size=50)
+    rooms_a = [_puzzle(a.room(t)) for t in reversed(ids)][::-1]  # highest index first
+    monkeypatch.setattr(sokoban, "_HELD_OUT", {})  # a fresh build, other order
+    b = envs.make("sokoban", dim=[6, 6], train_size=50)
+    rooms_b = [_puzzle(b.room(t)) for t in ids]
+    assert rooms_a == rooms_b
+    code = (
+        "import leafe.envs as e; from leafe.envs.sokoban import room_fingerprint as f;"
+        "env = e.make('sokoban', dim=[6, 6], train_size=50);"
+        f"print(*(f(*env.room('test-{{:05d}}'.format(i))).hex() for i in range({len(ids)})))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=root, capture_output=True, text=True
+    ).stdout.split()
+    assert out == [room_fingerprint(*b.room(t)).hex() for t in ids]
+
+
+def test_train_tasks_never_build_the_held_out_set(monkeypatch):
+    monkeypatch.setattr(sokoban, "_HELD_OUT", {})
+    env = envs.make("sokoban", dim=[6, 6], train_size=50)
+    env.reset("train-00003")
+    env.expert("train-00004")
+    assert sokoban._HELD_OUT == {}
+    env.reset("test-00002")
+    assert len(sokoban._HELD_OUT[((6, 6), 1, 20, 50)].rooms) == 3  # test-00000..00002
+
+
+def test_held_out_generation_fails_clearly_when_every_room_is_taken(monkeypatch):
+    envs.make("sokoban").reset("train-00000")  # imports gym_sokoban
+    import gym_sokoban.envs.room_utils as room_utils
+
+    fixed, state = parse(
+        """
+        #####
+        #_O_#
+        #_X_#
+        #_P_#
+        #####
+        """.replace(" ", "")
+    )
+
+    def always_the_same(*args, **kwargs):
+        return fixed.copy(), state.copy(), {}
+
+    monkeypatch.setattr(room_utils, "generate_room", always_the_same)
+    monkeypatch.setattr(sokoban, "_HELD_OUT", {})
+    env = envs.make("sokoban", dim=[5, 5], train_size=3)
+    assert _puzzle(env.room("train-00002")) == _puzzle((fixed, state))
+    with pytest.raises(RuntimeError, match="no held-out room for test-00000.*train_size"):
+        env.room("test-00000")
 
 
 def test_room_shape_and_contents(env):
@@ -123,14 +215,15 @@ def test_room_shape_and_contents(env):
 
 
 def test_generation_leaves_global_rng_untouched():
-    env = envs.make("sokoban")
+    env = envs.make("sokoban", train_size=50)
     random.seed(123)
     np.random.seed(123)
     expected = (random.random(), np.random.random())
-    random.seed(123)
-    np.random.seed(123)
-    env.reset("train-00042")
-    assert (random.random(), np.random.random()) == expected
+    for task in ["train-00042", "test-00007"]:
+        random.seed(123)
+        np.random.seed(123)
+        env.reset(task)
+        assert (random.random(), np.random.random()) == expected
 
 
 def test_generator_failures_are_retried_deterministically(monkeypatch):
@@ -303,7 +396,7 @@ def test_expert_solves_tasks_exactly_at_the_end(env):
 
 
 def test_expert_two_boxes_and_test_split():
-    env = envs.make("sokoban", dim=[6, 6], num_boxes=2)
+    env = envs.make("sokoban", dim=[6, 6], num_boxes=2, train_size=50)
     for task in ["train-00000", "test-00000", "test-00001"]:
         plan = env.expert(task)
         env.reset(task)
