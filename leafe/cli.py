@@ -21,6 +21,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+if not console.is_terminal:  # piped or logged: do not squeeze tables into 80 columns
+    console = Console(width=120)
 err = Console(stderr=True)
 
 SetOpt = typer.Option(None, "--set", "-s", help="Override a spec field: dotted.key=value (repeatable).")

@@ -63,7 +63,10 @@ class Episode:
 @dataclass
 class LoopStats:
     turns: int = 0
+    policy_steps: int = 0
+    """Replies consumed (one per active episode per turn)."""
     env_steps: int = 0
+    """Environment steps taken (unparsable replies do not step the environment)."""
     generate_s: float = 0.0
     total_s: float = 0.0
     prompt_tokens: int = 0
@@ -104,6 +107,7 @@ def run_episodes(
             )
             stats.generate_s += time.perf_counter() - g0
             stats.turns += 1
+            stats.policy_steps += len(active)
             turn += 1
             for e, conv, c in zip(active, convs, completions):
                 action = parse_action(c.text, action_spec.pattern)

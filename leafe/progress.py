@@ -37,3 +37,53 @@ class StageProgress:
 
     def on_episode(self, _record: dict | None = None) -> None:
         self.progress.advance(self.task)
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own progress bars and info logs (leafe draws its own bars).
+    Must run before transformers/datasets are imported; LEAFE_VERBOSE=1 keeps them."""
+    import os
+
+    if os.environ.get("LEAFE_VERBOSE"):
+        return
+    for var, val in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
+                     ("TRANSFORMERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
+                     ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(var, val)
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|trl|torch)\..*")
+
+
+def training_callback(console: Console, description: str):
+    """A transformers TrainerCallback that draws a rich bar over optimizer steps with the loss."""
+    from transformers import TrainerCallback
+
+    class RichTrainingBar(TrainerCallback):
+        def __init__(self) -> None:
+            self.progress: Progress | None = None
+            self.task = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("steps · loss {task.fields[loss]}"), TimeElapsedColumn(), console=console)
+            self.task = self.progress.add_task(description, total=state.max_steps,
+                                               completed=state.global_step, loss="-")
+            self.progress.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if self.progress is not None and logs and "loss" in logs:
+                self.progress.update(self.task, loss=f"{float(logs['loss']):.3f}")
+
+        def on_train_end(self, args, state, control, **kw):
+            if self.progress is not None:
+                self.progress.stop()
+                self.progress = None
+
+    return RichTrainingBar()

@@ -78,7 +78,8 @@ def to_markdown(data: dict) -> str:
         f"task. Pass@k (unbiased estimator) and pass^k in %, best per column in bold; steps are "
         f"mean policy steps per episode; tokens are prompt + completion tokens in evaluation.",
         "",
-        tabulate(body, headers=header, tablefmt="github", disable_numparse=True),
+        tabulate(body, headers=header, tablefmt="github", disable_numparse=True,
+                 colalign=["left"] + ["right"] * (len(header) - 1)),
         "",
     ]
     tasks = {r.get("tasks") for r in data["rows"] if "tasks" in r}
@@ -88,11 +89,18 @@ def to_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
+SHORT = {"success": "succ.", "train interactions": "train int."}
+
+
 def to_rich(data: dict) -> Table:
     header, body = _cells(data)
-    table = Table(title=f"{data['name']} — pass@k (%)", title_justify="left")
+    header = [SHORT.get(h, h) for h in header]
+    from rich import box
+
+    table = Table(title=f"{data['name']} — pass@k (%)", title_justify="left", box=box.SIMPLE_HEAD,
+                  pad_edge=False)
     for i, h in enumerate(header):
-        table.add_column(h, justify="left" if i == 0 else "right")
+        table.add_column(h, justify="left" if i == 0 else "right", no_wrap=True)
     for row in body:
         table.add_row(*[c.replace("**", "") if not c.startswith("**") else f"[bold]{c.strip('*')}[/bold]" for c in row])
     return table

@@ -40,6 +40,9 @@ def run_lock(root: Path):
 
 def run(loaded: LoadedSpec, runs_dir: Path | str = "runs", reports_dir: Path | str = "reports",
         console: Console | None = None) -> dict:
+    from leafe.progress import quiet_libraries
+
+    quiet_libraries()
     console = console or Console()
     plan = build_plan(loaded, runs_dir)
     with run_lock(plan.root):

@@ -144,7 +144,7 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     out = ctx.dir / "trainer"
     args = TRLSFTConfig(
         output_dir=str(out), num_train_epochs=train.epochs, learning_rate=train.lr,
-        lr_scheduler_type=train.scheduler, warmup_ratio=train.warmup_ratio,
+        lr_scheduler_type=train.scheduler, warmup_steps=train.warmup_ratio,
         weight_decay=train.weight_decay, per_device_train_batch_size=train.batch_size,
         gradient_accumulation_steps=train.grad_accum, max_length=train.max_length,
         completion_only_loss=True, logging_steps=1, save_strategy="steps",
@@ -155,6 +155,13 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     dataset = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
                          peft_config=peft_config)
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    from leafe.progress import training_callback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(training_callback(ctx.console, ctx.stage.id))
     resume = any(p.name.startswith("checkpoint-") for p in out.glob("checkpoint-*")) if out.exists() else False
     result = trainer.train(resume_from_checkpoint=True if resume else None)
 
