@@ -50,8 +50,19 @@ def quiet_libraries() -> None:
                      ("TRANSFORMERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
                      ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(var, val)
+    import sys
     import warnings
 
+    if "transformers" in sys.modules:  # already imported: the env vars came too late
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    if "datasets" in sys.modules:
+        import datasets
+
+        datasets.disable_progress_bars()
+        datasets.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
     warnings.filterwarnings("ignore", category=UserWarning, module=r"(transformers|trl|torch)\..*")
 

@@ -93,7 +93,7 @@ def test_end_to_end_then_cached(tmp_path, leafe_cache):
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("records.jsonl")}
     out2 = io.StringIO()
     data2 = run(loaded, tmp_path / "runs", tmp_path / "reports", Console(file=out2, width=150))
-    assert out2.getvalue().count("cached") == 3 and "running" not in out2.getvalue()
+    assert out2.getvalue().count("(cached:") == 3 and "▶" not in out2.getvalue()
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
     strip = lambda d: [{k: v for k, v in r.items()} for r in d["rows"]]  # noqa: E731
     assert strip(data2) == strip(data)
