@@ -48,22 +48,27 @@ def collect(loaded: LoadedSpec, plan: Plan) -> dict:
 
 
 def _cells(data: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and body cells; the best value of each score column is marked **bold** (ties all
+    bold; a column where every method scores 0 has no bold)."""
     ks = data["k"]
     header = ["method"] + [f"pass@{k}" for k in ks] + [f"pass^{ks[-1]}", "success", "steps",
                                                        "tokens", "train interactions"]
+    done = [r for r in data["rows"] if "pass@k" in r]
+    scores = {f"pass@{k}": (lambda r, k=k: r["pass@k"][str(k)]) for k in ks}
+    scores[f"pass^{ks[-1]}"] = lambda r: r["pass^k"][str(ks[-1])]
+    scores["success"] = lambda r: r["success_rate"]
+    best = {col: max((get(r) for r in done), default=0.0) for col, get in scores.items()}
     body = []
-    best = {k: max((r["pass@k"][str(k)] for r in data["rows"] if "pass@k" in r), default=None) for k in ks}
     for r in data["rows"]:
         if "pass@k" not in r:
             body.append([r["method"]] + ["(not run)"] * (len(header) - 1))
             continue
         cells = [r["method"]]
-        for k in ks:
-            v = r["pass@k"][str(k)]
+        for col, get in scores.items():
+            v = get(r)
             s = f"{100 * v:.1f}"
-            cells.append(f"**{s}**" if best[k] is not None and abs(v - best[k]) < 1e-12 and v > 0 else s)
-        cells += [f"{100 * r['pass^k'][str(ks[-1])]:.1f}", f"{100 * r['success_rate']:.1f}",
-                  f"{r['mean_steps']:.1f}", f"{r['prompt_tokens'] + r['completion_tokens']:,}",
+            cells.append(f"**{s}**" if v > 0 and abs(v - best[col]) < 1e-12 else s)
+        cells += [f"{r['mean_steps']:.1f}", f"{r['prompt_tokens'] + r['completion_tokens']:,}",
                   f"{r['train_interactions']:,}"]
         body.append(cells)
     return header, body
@@ -75,7 +80,7 @@ def to_markdown(data: dict) -> str:
         f"# {data['name']}",
         "",
         f"Environment `{data['env']}`, policy `{data['model']}`, {data['samples']} samples per test "
-        f"task. Pass@k (unbiased estimator) and pass^k in %, best per column in bold; steps are "
+        f"task. Pass@k (unbiased estimator), pass^k and success in %, the best per column in bold; steps are "
         f"mean policy steps per episode; tokens are prompt + completion tokens in evaluation.",
         "",
         tabulate(body, headers=header, tablefmt="github", disable_numparse=True,
