@@ -47,6 +47,8 @@ def run(loaded: LoadedSpec, runs_dir: Path | str = "runs", reports_dir: Path | s
     plan = build_plan(loaded, runs_dir)
     with run_lock(plan.root):
         write_manifest(loaded, plan)
+        if any(plan.status(s) not in ("done", "always") for s in plan.stages):
+            _preflight(loaded)
         for stage in plan.stages:
             if stage.kind == "report":
                 continue
@@ -72,6 +74,15 @@ def run(loaded: LoadedSpec, runs_dir: Path | str = "runs", reports_dir: Path | s
             write_manifest(loaded, plan)
         data = write_reports(loaded, plan, reports_dir, console)
     return data
+
+
+def _preflight(loaded: LoadedSpec) -> None:
+    """Fail before any work when the policy's weights cannot be found (a clear UserError)."""
+    policy = loaded.spec.models.policy
+    if policy.backend == "transformers":
+        from leafe.models.builtin import resolve
+
+        resolve(policy.name, policy.revision)
 
 
 def plan_only(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:

@@ -87,3 +87,13 @@ def test_help_and_version():
 def test_envs_lists_sokoban():
     r = leafe("envs")
     assert r.returncode == 0 and "sokoban" in r.stdout.split()
+
+
+def test_missing_model_fails_before_any_work(tmp_path):
+    f = tmp_path / "m.yaml"
+    f.write_text(SPEC.replace('"leafe:tiny-qwen2"', str(tmp_path / "no-such-model")))
+    r = leafe("run", str(f), "--runs-dir", str(tmp_path / "runs"), "--reports-dir", str(tmp_path / "rep"))
+    assert r.returncode == 2, r.stderr
+    assert "no-such-model" in r.stderr and "Traceback" not in r.stderr
+    stage_dirs = [p for p in (tmp_path / "runs" / "cli-t").glob("*") if p.is_dir()]
+    assert stage_dirs == []
