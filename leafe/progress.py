@@ -48,7 +48,7 @@ def quiet_libraries() -> None:
         return
     for var, val in (("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_DATASETS_DISABLE_PROGRESS_BARS", "1"),
                      ("TRANSFORMERS_VERBOSITY", "error"), ("DATASETS_VERBOSITY", "error"),
-                     ("TOKENIZERS_PARALLELISM", "false")):
+                     ("TOKENIZERS_PARALLELISM", "false"), ("TQDM_DISABLE", "1")):
         os.environ.setdefault(var, val)
     import sys
     import warnings

@@ -55,7 +55,15 @@ class Registry:
                 f"unknown {self.kind} {name!r}; registered: {', '.join(self.names())}"
             )
         module, _, attr = self._entries[name].partition(":")
-        obj: Any = importlib.import_module(module)
+        try:
+            obj: Any = importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name and (e.name == module or module.startswith(e.name + ".")):
+                raise  # the plugin module itself is missing: a packaging bug, not a user error
+            raise UserError(
+                f"{self.kind} {name!r} needs the package {e.name!r}, which is not installed; "
+                f"install leafe's extra for it (e.g. `pip install -e '.[{name}]'`)"
+            ) from None
         for part in attr.split("."):
             obj = getattr(obj, part)
         self._loaded[name] = obj

@@ -48,7 +48,7 @@ def run(loaded: LoadedSpec, runs_dir: Path | str = "runs", reports_dir: Path | s
     with run_lock(plan.root):
         write_manifest(loaded, plan)
         if any(plan.status(s) not in ("done", "always") for s in plan.stages):
-            _preflight(loaded)
+            _preflight(loaded, console)
         for stage in plan.stages:
             if stage.kind == "report":
                 continue
@@ -76,13 +76,16 @@ def run(loaded: LoadedSpec, runs_dir: Path | str = "runs", reports_dir: Path | s
     return data
 
 
-def _preflight(loaded: LoadedSpec) -> None:
-    """Fail before any work when the policy's weights cannot be found (a clear UserError)."""
+def _preflight(loaded: LoadedSpec, console: Console) -> None:
+    """Fail before any work when the policy's weights cannot be found (a clear UserError);
+    built-in models are built here on first use (SmolLM2: a one-time GGUF conversion)."""
     policy = loaded.spec.models.policy
     if policy.backend == "transformers":
         from leafe.models.builtin import resolve
 
-        resolve(policy.name, policy.revision)
+        with console.status(f"preparing model {policy.name} (first use of a built-in model converts it once)"):
+            path, _ = resolve(policy.name, policy.revision)
+        console.print(f"[dim]model {policy.name} → {path}[/dim]")
 
 
 def plan_only(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
