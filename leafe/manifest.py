@@ -7,6 +7,7 @@ import os
 import platform
 import socket
 import subprocess
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -48,13 +49,9 @@ def git_revision(cwd: Path | None = None) -> dict:
 def host() -> dict:
     info = {"hostname": socket.gethostname(), "platform": platform.platform(),
             "python": platform.python_version(), "cpus": os.cpu_count()}
-    try:
-        import torch  # noqa: PLC0415 (only when already needed by the run)
-
-        if torch.cuda.is_available():
-            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except ImportError:
-        pass
+    torch = sys.modules.get("torch")  # only when the run already loaded it: a cached re-run stays light
+    if torch is not None and torch.cuda.is_available():
+        info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
 
 
