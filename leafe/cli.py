@@ -71,7 +71,10 @@ def validate(specs: List[Path] = typer.Argument(..., help="Spec files."), sets: 
                 for p in e.problems:
                     err.print(f"[red]error:[/red] {p}", highlight=False, soft_wrap=True)
             else:
-                err.print(f"[red]error:[/red] {s}: {e}", highlight=False, soft_wrap=True)
+                from leafe.spec.loader import _display
+
+                msg = str(e) if _display(s) in str(e) else f"{s}: {e}"
+                err.print(f"[red]error:[/red] {msg}", highlight=False, soft_wrap=True)
     if failed:
         raise typer.Exit(2)
 

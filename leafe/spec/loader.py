@@ -207,10 +207,14 @@ def _resolve_use(doc: Located, at: Path_, kind: str, spec_file: Path | None, cha
 
 
 def _display(file: Path) -> str:
+    """A path for messages: relative to the working directory when it is inside it."""
+    if not file.is_absolute():
+        return str(file)
     try:
-        return os.path.relpath(file)
+        rel = os.path.relpath(file)
     except ValueError:
         return str(file)
+    return str(file) if rel.startswith("..") else rel
 
 
 # -- --set overrides ------------------------------------------------------------------------------
