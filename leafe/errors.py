@@ -18,3 +18,8 @@ class SpecError(UserError):
 
 class NonDeterministicEnvError(RuntimeError):
     """Replaying an action prefix did not reproduce the recorded observation."""
+
+
+class EnvWorkerError(RuntimeError):
+    """An environment worker process died or hung (and was restarted): the state of every
+    environment it hosted is lost. Evaluation re-runs the affected chunk from its start."""

@@ -3,6 +3,10 @@
 Each turn renders every active episode's prompt from the environment preset's templates,
 calls the policy once for the whole batch, parses the actions, steps the environments and
 records every step. Training methods and evaluation all run through here.
+
+Environments are reset and stepped in two phases (submit every episode's call, then collect
+them in order), so environments hosted in worker processes (`leafe.envs.workers`) work in
+parallel; in-process environments behave exactly as with plain `reset`/`step`.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from leafe.envs.base import Env, Observation
+from leafe.errors import EnvWorkerError
 from leafe.models.base import ChatModel, Conversation, Sampling
 from leafe.prompts import parse_action, render
 from leafe.seeds import derive_seed
@@ -86,15 +91,24 @@ def run_episodes(
     stats: LoopStats | None = None,
 ) -> list[dict]:
     """Run one episode per (task_id, sample) pair in lockstep; return the episode summaries
-    in input order. The same pairs, model and seed give the same episodes."""
+    in input order. The same pairs, model and seed give the same episodes.
+
+    An `EnvWorkerError` (a worker process hosting environments died or hung) is raised after
+    closing every environment, with `.episodes`: the summaries of the episodes unfinished at
+    that point (their steps so far). Retrying is the caller's: re-running the same pairs with
+    the same seed reproduces the episodes."""
     stats = stats or LoopStats()
     t0 = time.perf_counter()
     episodes: list[Episode] = []
-    for task_id, sample in pairs:
-        env = make_env()
-        episodes.append(Episode(task_id, sample, env, env.reset(task_id)))
+    envs: list[Env] = []
     action_spec = env_spec.action
     try:
+        for _ in pairs:
+            envs.append(make_env())
+        for env, (task_id, _) in zip(envs, pairs):
+            env.submit_reset(task_id)
+        for env, (task_id, sample) in zip(envs, pairs):
+            episodes.append(Episode(task_id, sample, env, env.collect_reset()))
         turn = 0
         while True:
             active = [e for e in episodes if not e.done]
@@ -109,20 +123,25 @@ def run_episodes(
             stats.turns += 1
             stats.policy_steps += len(active)
             turn += 1
-            for e, conv, c in zip(active, convs, completions):
+            actions = []
+            for e, c in zip(active, completions):
                 action = parse_action(c.text, action_spec.pattern)
                 parsed = action is not None
+                if not parsed and action_spec.on_parse_failure == "passthrough":
+                    action = c.text.strip()
+                if action is not None:
+                    e.env.submit_step(action)  # all steps of the turn start before any is awaited
+                actions.append((action, parsed))
+            for e, conv, c, (action, parsed) in zip(active, convs, completions, actions):
                 if not parsed:
                     e.parse_failures += 1
-                    if action_spec.on_parse_failure == "passthrough":
-                        action = c.text.strip()
                 if action is None:
                     e.invalid += 1
                     obs = Observation(text=action_spec.invalid_feedback + "\n" + e.obs.text,
                                       task=e.obs.task, admissible=e.obs.admissible)
                     reward, done, success, valid = 0.0, False, False, False
                 else:
-                    result = e.env.step(action)
+                    result = e.env.collect_step()
                     e.interactions += 1
                     stats.env_steps += 1
                     obs, reward, done, success, valid = (result.observation, result.reward,
@@ -150,8 +169,15 @@ def run_episodes(
                     on_step(record)
                 if e.done and on_episode:
                     on_episode(e.summary())
+    except EnvWorkerError as err:
+        started = {(e.task_id, e.sample): e for e in episodes}
+        err.episodes = [  # episodes not reset yet: zero steps
+            started[p].summary() if p in started
+            else Episode(p[0], p[1], None, None).summary()  # type: ignore[arg-type]
+            for p in pairs if p not in started or not started[p].done]
+        raise
     finally:
-        for e in episodes:
-            e.env.close()
+        for env in envs:
+            env.close()
         stats.total_s += time.perf_counter() - t0
     return [e.summary() for e in episodes]

@@ -64,27 +64,30 @@ def pass_hat_k(num_samples: int | Sequence[int], num_correct: int | Sequence[int
 
 
 def episode_metrics(episodes: Iterable[dict], ks: Sequence[int]) -> dict:
-    """Metrics of an evaluation from its episode records."""
+    """Metrics of an evaluation from its episode records. Errored episodes (an `error` key:
+    their environment crashed or hung on every attempt) count as failures, never dropped."""
     eps = list(episodes)
     by_task: dict[str, list[dict]] = defaultdict(list)
     for e in eps:
         by_task[e["task"]].append(e)
     tasks = sorted(by_task)
     ns = [len(by_task[t]) for t in tasks]
-    cs = [sum(bool(e["success"]) for e in by_task[t]) for t in tasks]
+    cs = [sum(bool(e["success"]) and not e.get("error") for e in by_task[t]) for t in tasks]
     out = {
         "tasks": len(tasks),
         "episodes": len(eps),
         "samples_per_task": min(ns) if ns else 0,
         "pass@k": {str(k): pass_at_k(ns, cs, k) for k in ks},
         "pass^k": {str(k): pass_hat_k(ns, cs, k) for k in ks},
-        "success_rate": float(np.mean([bool(e["success"]) for e in eps])) if eps else 0.0,
+        "success_rate": float(np.mean([bool(e["success"]) and not e.get("error") for e in eps]))
+        if eps else 0.0,
         "mean_steps": float(np.mean([e["steps"] for e in eps])) if eps else 0.0,
         "prompt_tokens": int(sum(e["prompt_tokens"] for e in eps)),
         "completion_tokens": int(sum(e["completion_tokens"] for e in eps)),
         "interactions": int(sum(e.get("interactions", 0) for e in eps)),
         "parse_failures": int(sum(e.get("parse_failures", 0) for e in eps)),
         "invalid": int(sum(e.get("invalid", 0) for e in eps)),
+        "errored": int(sum(bool(e.get("error")) for e in eps)),
         "per_task": {t: {"n": n, "c": c} for t, n, c in zip(tasks, ns, cs)},
     }
     return out

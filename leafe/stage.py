@@ -6,23 +6,31 @@ are append-only JSONL keyed by (task, sample, step) plus one `episode` record pe
 episode. On resume, steps of unfinished episodes are dropped and every incomplete chunk is
 re-run whole (so its samples are exactly those of an uninterrupted run); only episodes not
 yet recorded are written.
+
+With `env.workers` >= 1 the environments live in a pool of worker processes. A chunk whose
+worker crashed or hung is re-run the same way (same seed, its recorded episodes skipped, its
+partial steps dropped), up to `env.episode_retries` times; then its unrecorded episodes are
+recorded as errored failures (`error` field), never dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 
 from leafe.envs import Env
+from leafe.errors import EnvWorkerError
 from leafe.plan import Plan, PlannedStage
 from leafe.seeds import derive_seed
 from leafe.spec.loader import LoadedSpec
 from leafe.spec.schema import ModelSpec
-from leafe.store import RecordLog, atomic_write_json
+from leafe.store import RecordLog, atomic_write_json, read_json
 
 if TYPE_CHECKING:
     from leafe.models.base import ChatModel
@@ -45,6 +53,20 @@ class StageContext:
 
         cls = envs.env_class(self.spec.env.adapter)
         return cls(self.loaded.env_options)
+
+    @contextlib.contextmanager
+    def env_factory(self) -> Iterator[Callable[[], Env]]:
+        """A `make_env` for the agent loop: in-process environments, or with `env.workers`
+        >= 1 proxies of environments in a worker pool (closed on exit)."""
+        env = self.spec.env
+        if env.workers < 1:
+            yield self.make_env
+            return
+        from leafe.envs.workers import WorkerPool
+
+        with WorkerPool(env.adapter, self.loaded.env_options.model_dump(mode="json"),
+                        n=env.workers, timeout=env.step_timeout) as pool:
+            yield pool.make
 
     def tasks(self, split: str) -> list[str]:
         env = self.make_env()
@@ -91,17 +113,13 @@ def run_eval(ctx: StageContext) -> dict:
     chunks = [pairs[i:i + bs] for i in range(0, len(pairs), bs)]
 
     log = RecordLog(ctx.dir / "records.jsonl")
-    records = log.read()
-    finished = {(r["task"], r["sample"]) for r in records if r["kind"] == "episode"}
-    seen: set[tuple] = set()
-    keep = []
-    for r in records:  # drop unfinished episodes' steps (and any duplicate key, defensively)
-        key = (r["task"], r["sample"], r.get("step", "episode"), r["kind"])
-        if (r["task"], r["sample"]) in finished and key not in seen:
-            seen.add(key)
-            keep.append(r)
-    if len(keep) != len(records):
-        log.rewrite(keep)
+    finished = {(r["task"], r["sample"]) for r in log if r["kind"] == "episode"}
+    _drop_unfinished(log, finished)
+    # worker crashes survive a resume: counted in a file next to the records
+    errors_file = ctx.dir / "env_errors.json"
+    errors = {"env_errors": 0, "chunk_retries": 0}
+    if errors_file.exists():
+        errors.update(read_json(errors_file))
 
     todo = [i for i, ch in enumerate(chunks) if any(p not in finished for p in ch)]
     if todo:
@@ -112,32 +130,94 @@ def run_eval(ctx: StageContext) -> dict:
             max_tokens=policy.max_tokens,
         )
         model = ctx.load_policy(ctx.start_checkpoint())
+        retries = spec.env.episode_retries
         try:
-            with StageProgress(ctx.console, ctx.stage.id, len(pairs), len(finished)) as bar:
+            with ctx.env_factory() as make_env, \
+                    StageProgress(ctx.console, ctx.stage.id, len(pairs), len(finished)) as bar:
                 for i in todo:
-                    fresh = {p for p in chunks[i] if p not in finished}
+                    attempt = 0
+                    while True:
+                        fresh = {p for p in chunks[i] if p not in finished}
 
-                    def on_step(r: dict, fresh=fresh) -> None:
-                        if (r["task"], r["sample"]) in fresh:
-                            log.append([r])
-                            bar.on_step(r)
+                        def on_step(r: dict, fresh=fresh) -> None:
+                            if (r["task"], r["sample"]) in fresh:
+                                log.append([r])
+                                bar.on_step(r)
 
-                    def on_episode(r: dict, fresh=fresh) -> None:
-                        if (r["task"], r["sample"]) in fresh:
-                            log.append([r])
-                            finished.add((r["task"], r["sample"]))
-                            bar.on_episode()
+                        def on_episode(r: dict, fresh=fresh) -> None:
+                            if (r["task"], r["sample"]) in fresh:
+                                log.append([r])
+                                finished.add((r["task"], r["sample"]))
+                                bar.on_episode()
 
-                    run_episodes(ctx.make_env, chunks[i], model, sampling, spec.env,
-                                 seed=derive_seed(spec.seed, "eval", i),
-                                 on_step=on_step, on_episode=on_episode)
+                        try:
+                            run_episodes(make_env, chunks[i], model, sampling, spec.env,
+                                         seed=derive_seed(spec.seed, "eval", i),
+                                         on_step=on_step, on_episode=on_episode)
+                            break
+                        except EnvWorkerError as err:
+                            errors["env_errors"] += 1
+                            if attempt < retries:
+                                attempt += 1
+                                errors["chunk_retries"] += 1
+                                atomic_write_json(errors_file, errors)
+                                ctx.console.print(
+                                    f"[yellow]⚠ {ctx.stage.id}: re-running chunk {i} (retry "
+                                    f"{attempt}/{retries}): {escape(str(err))}[/yellow]")
+                                # as on resume: the re-run writes the unfinished episodes anew
+                                _drop_unfinished(log, finished)
+                                continue
+                            atomic_write_json(errors_file, errors)
+                            lost = _errored_episodes(err, chunks[i], finished)
+                            ctx.console.print(
+                                f"[red]✗ {ctx.stage.id}: chunk {i} failed {attempt + 1} time(s); "
+                                f"{len(lost)} episode(s) recorded as errored (failures): "
+                                f"{escape(str(err))}[/red]")
+                            log.append(lost)
+                            for r in lost:
+                                finished.add((r["task"], r["sample"]))
+                                bar.on_episode()
+                            break
         finally:
             model.close()
 
     episodes = [r for r in log if r["kind"] == "episode"]
     metrics = episode_metrics(episodes, spec.eval.k)
+    metrics.update(errors)
     atomic_write_json(ctx.dir / "metrics.json", metrics)
     return metrics
+
+
+def _drop_unfinished(log: RecordLog, finished: set[tuple[str, int]]) -> None:
+    """Drop the step records of unfinished episodes (and any duplicate key, defensively)."""
+    records = log.read()
+    seen: set[tuple] = set()
+    keep = []
+    for r in records:
+        key = (r["task"], r["sample"], r.get("step", "episode"), r["kind"])
+        if (r["task"], r["sample"]) in finished and key not in seen:
+            seen.add(key)
+            keep.append(r)
+    if len(keep) != len(records):
+        log.rewrite(keep)
+
+
+def _errored_episodes(err: EnvWorkerError, chunk: list[tuple[str, int]],
+                      finished: set[tuple[str, int]]) -> list[dict]:
+    """Episode records for a chunk's unrecorded episodes after its last failed attempt: their
+    summaries at the failure (steps so far, matching the step records kept), as failures."""
+    from leafe.loop import Episode
+
+    partial = {(s["task"], s["sample"]): s for s in getattr(err, "episodes", [])}
+    out = []
+    for task, sample in chunk:
+        if (task, sample) in finished:
+            continue
+        summary = partial.get((task, sample))
+        if summary is None:
+            summary = Episode(task, sample, None, None).summary()  # type: ignore[arg-type]
+        out.append({**summary, "success": False, "error": str(err)})
+    return out
 
 
 def read_episodes(stage_dir: Path) -> list[dict]:

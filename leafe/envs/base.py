@@ -120,6 +120,34 @@ class Env(ABC):
         self._last_obs = result.observation
         return result
 
+    # Two-phase calls: the loop submits every active episode's call, then collects them, so
+    # environments hosted in worker processes (`leafe.envs.workers.PooledEnv`) work in
+    # parallel. In-process environments just defer the call to `collect_*`.
+    def submit_reset(self, task_id: str) -> None:
+        """Start `reset(task_id)`; its result comes from `collect_reset()`."""
+        self._submitted = ("reset", task_id)
+
+    def collect_reset(self) -> Observation:
+        """The observation of the reset started by `submit_reset`."""
+        kind, task_id = self._take_submitted("reset")
+        return self.reset(task_id)
+
+    def submit_step(self, action: str) -> None:
+        """Start `step(action)`; its result comes from `collect_step()`."""
+        self._submitted = ("step", action)
+
+    def collect_step(self) -> Step:
+        """The result of the step started by `submit_step`."""
+        kind, action = self._take_submitted("step")
+        return self.step(action)
+
+    def _take_submitted(self, kind: str) -> tuple[str, str]:
+        sub = getattr(self, "_submitted", None)
+        if sub is None or sub[0] != kind:
+            raise RuntimeError(f"collect_{kind}() without a matching submit_{kind}()")
+        self._submitted = None
+        return sub
+
     @property
     def task_id(self) -> str | None:
         return self._task_id

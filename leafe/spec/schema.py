@@ -80,6 +80,25 @@ class EnvSpec(Strict):
     """Prompt templates."""
     action: ActionSpec = Field(default_factory=ActionSpec)
     """Action format."""
+    # How environments are run, not what they compute: `EXECUTION_ONLY`, left out of stage
+    # keys (changing them neither re-runs nor invalidates finished stages).
+    workers: int = Field(0, ge=0)
+    """Worker processes hosting the episodes' environments during evaluation (0: in the
+    main process). With N >= 1 the environments of a chunk step in parallel on N processes,
+    and a crashed or hung environment is killed and its chunk re-run; the records are the
+    same as with 0. Worth it for slow environments (ScienceWorld, ALFWorld), not Sokoban."""
+    step_timeout: float = Field(120.0, gt=0)
+    """Seconds one environment call (create, reset, step, restore, ...) may take in a worker
+    (with `workers` >= 1); a worker silent for longer is killed with its child processes
+    and restarted, and the chunk is re-run."""
+    episode_retries: int = Field(2, ge=0)
+    """Re-runs of an evaluation chunk after a worker crash or hang (with `workers` >= 1);
+    when they fail too, the chunk's unrecorded episodes are recorded as errored (failures,
+    with an `error` field)."""
+
+
+#: EnvSpec fields that do not change results (left out of stage keys; kept in the manifest).
+EXECUTION_ONLY = {"workers", "step_timeout", "episode_retries"}
 
 
 class ModelSpec(Strict):
