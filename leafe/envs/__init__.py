@@ -18,6 +18,7 @@ registry = Registry(
     "leafe.envs",
     {
         "sokoban": "leafe.envs.sokoban:SokobanEnv",
+        "alfworld": "leafe.envs.alfworld:AlfworldEnv",
     },
 )
 
