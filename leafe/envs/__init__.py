@@ -19,6 +19,7 @@ registry = Registry(
     {
         "sokoban": "leafe.envs.sokoban:SokobanEnv",
         "alfworld": "leafe.envs.alfworld:AlfworldEnv",
+        "coding": "leafe.envs.coding:CodingEnv",
     },
 )
 
