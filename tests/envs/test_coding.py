@@ -169,8 +169,9 @@ def test_attacks_fail_the_submission_and_leave_the_host_alone(tmp_path):
         "fork": ("    while True:\n        os.fork()\n", "BlockingIOError"),
         # the host's /tmp is not even visible: the sandbox has its own
         "write": (f"    open({str(target)!r}, 'w').write('x')\n", "FileNotFoundError"),
+        # the checkout is read-only inside, or invisible when it lies under the host's /tmp
         "write-cwd": (f"    open({str(ROOT / 'escaped')!r}, 'w').write('x')\n",
-                      "Read-only file system"),
+                      ("Read-only file system", "FileNotFoundError")),
         "socket": ("    socket.create_connection(('127.0.0.1', 22), timeout=1)\n",
                    "ConnectionRefusedError"),
         "loop": ("    while True:\n        pass\n", "time limit exceeded"),
@@ -178,7 +179,9 @@ def test_attacks_fail_the_submission_and_leave_the_host_alone(tmp_path):
     for name, (body, expected) in attacks.items():
         env.reset("HumanEval/0")
         step = env.step(head + body)
-        assert not step.success and expected in step.observation.text, (name, step.observation.text)
+        accepted = expected if isinstance(expected, tuple) else (expected,)
+        assert not step.success and any(e in step.observation.text for e in accepted), \
+            (name, step.observation.text)
     assert not target.exists() and not (ROOT / "escaped").exists()
 
 
