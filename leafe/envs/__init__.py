@@ -20,6 +20,7 @@ registry = Registry(
         "sokoban": "leafe.envs.sokoban:SokobanEnv",
         "alfworld": "leafe.envs.alfworld:AlfworldEnv",
         "coding": "leafe.envs.coding:CodingEnv",
+        "textworld": "leafe.envs.textworld:TextWorldEnv",
     },
 )
 
