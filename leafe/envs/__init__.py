@@ -21,6 +21,7 @@ registry = Registry(
         "alfworld": "leafe.envs.alfworld:AlfworldEnv",
         "coding": "leafe.envs.coding:CodingEnv",
         "textworld": "leafe.envs.textworld:TextWorldEnv",
+        "sciworld": "leafe.envs.sciworld:ScienceWorldEnv",
     },
 )
 
