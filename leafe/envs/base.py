@@ -175,3 +175,30 @@ class Env(ABC):
                 "deterministic under replay, so it needs a native snapshot."
             )
         return obs
+
+
+class IndexedSplits:
+    """Mixin for generated environments whose tasks are `<split>-<index>` (e.g. `train-00017`)
+    with `options.train_size` / `options.test_size` tasks per split."""
+
+    options: Any
+
+    def _split_sizes(self) -> dict[str, int]:
+        return {"train": self.options.train_size, "test": self.options.test_size}
+
+    def tasks(self, split: str) -> list[str]:
+        sizes = self._split_sizes()
+        if split not in sizes:
+            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(sizes)}")
+        return [f"{split}-{i:05d}" for i in range(sizes[split])]
+
+    def _parse_task(self, task_id: str) -> tuple[str, int]:
+        split, _, index = str(task_id).partition("-")
+        sizes = self._split_sizes()
+        if split not in sizes or not index.isdigit() or int(index) >= sizes[split]:
+            raise ValueError(
+                f"unknown task id {task_id!r}; expected '<split>-<index>' with split in "
+                f"{', '.join(sizes)} (e.g. 'train-00017'), index below the split size "
+                f"({', '.join(f'{s}: {n}' for s, n in sizes.items())})"
+            )
+        return split, int(index)

@@ -31,7 +31,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import ConfigDict, Field, model_validator
 
-from leafe.envs.base import Env, EnvOptions, Observation, Snapshot, Step, obs_hash
+from leafe.envs.base import Env, EnvOptions, IndexedSplits, Observation, Snapshot, Step, obs_hash
 
 #: Actions, in the order of gym-sokoban's push actions 1..4 (push up/down/left/right).
 ACTIONS = ["up", "down", "left", "right"]
@@ -158,7 +158,7 @@ def render_grid(room_state: np.ndarray, room_fixed: np.ndarray) -> str:
     return "\n".join(rows)
 
 
-class SokobanEnv(Env):
+class SokobanEnv(IndexedSplits, Env):
     """Sokoban rooms from gym-sokoban; actions `up`, `down`, `left`, `right`.
 
     The test split is held out: no test room equals a train room (see `Options`)."""
@@ -203,26 +203,6 @@ class SokobanEnv(Env):
         self._rooms: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._game: Any = None
 
-    # -- tasks ------------------------------------------------------------------------------
-    def _split_sizes(self) -> dict[str, int]:
-        return {"train": self.options.train_size, "test": self.options.test_size}
-
-    def tasks(self, split: str) -> list[str]:
-        sizes = self._split_sizes()
-        if split not in sizes:
-            raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(sizes)}")
-        return [f"{split}-{i:05d}" for i in range(sizes[split])]
-
-    def _parse_task(self, task_id: str) -> tuple[str, int]:
-        split, _, index = str(task_id).partition("-")
-        sizes = self._split_sizes()
-        if split not in sizes or not index.isdigit() or int(index) >= sizes[split]:
-            raise ValueError(
-                f"unknown task id {task_id!r}; expected '<split>-<index>' with split in "
-                f"{', '.join(sizes)} (e.g. 'train-00017'), index below the split size "
-                f"({', '.join(f'{s}: {n}' for s, n in sizes.items())})"
-            )
-        return split, int(index)
 
     def room(self, task_id: str) -> tuple[np.ndarray, np.ndarray]:
         """(room_fixed, initial room_state) of a task, generated once and cached."""
