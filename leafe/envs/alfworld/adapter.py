@@ -51,14 +51,7 @@ from leafe.envs.alfworld.generator import TASK_TYPES
 from leafe.envs.base import Env, EnvOptions, Observation, Step
 from leafe.errors import UserError
 
-TaskType = Literal[
-    "pick_and_place_simple",
-    "look_at_obj_in_light",
-    "pick_clean_then_place_in_recep",
-    "pick_heat_then_place_in_recep",
-    "pick_cool_then_place_in_recep",
-    "pick_two_obj_and_place",
-]
+TaskType = Literal[TASK_TYPES]  # the generator's tuple, so the two never drift
 
 #: ALFWorld's data splits (json_2.1.1 folders).
 DATA_SPLITS = ("train", "valid_seen", "valid_unseen")
