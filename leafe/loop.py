@@ -57,12 +57,17 @@ class Episode:
     parse_failures: int = 0
     interactions: int = 0
     """Environment steps actually taken (unparsable replies do not reach the environment)."""
+    error: str | None = None
+    """Why the episode was cut short by the model backend (a call failed after its retries)."""
 
     def summary(self) -> dict:
-        return {"kind": "episode", "task": self.task_id, "sample": self.sample, "steps": self.step,
-                "success": self.success, "reward": self.reward, "prompt_tokens": self.prompt_tokens,
-                "completion_tokens": self.completion_tokens, "invalid": self.invalid,
-                "parse_failures": self.parse_failures, "interactions": self.interactions}
+        out = {"kind": "episode", "task": self.task_id, "sample": self.sample, "steps": self.step,
+               "success": self.success, "reward": self.reward, "prompt_tokens": self.prompt_tokens,
+               "completion_tokens": self.completion_tokens, "invalid": self.invalid,
+               "parse_failures": self.parse_failures, "interactions": self.interactions}
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
 
 @dataclass
@@ -116,8 +121,10 @@ def run_episodes(
                 break
             convs = [render_conversation(env_spec, e.obs, e.history, e.step) for e in active]
             g0 = time.perf_counter()
+            # one seed per episode and step: a sample does not depend on its batch neighbours
             completions = model.generate(
-                convs, replace(sampling, n=1, stop=list(action_spec.stop), seed=derive_seed(seed, "turn", turn))
+                convs, replace(sampling, n=1, stop=list(action_spec.stop), seed=derive_seed(seed, "turn", turn)),
+                seeds=[derive_seed(seed, e.task_id, e.sample, e.step) for e in active],
             )
             stats.generate_s += time.perf_counter() - g0
             stats.turns += 1
@@ -125,6 +132,9 @@ def run_episodes(
             turn += 1
             actions = []
             for e, c in zip(active, completions):
+                if c.error is not None:  # the backend gave up on this sample: no action
+                    actions.append((None, False))
+                    continue
                 action = parse_action(c.text, action_spec.pattern)
                 parsed = action is not None
                 if not parsed and action_spec.on_parse_failure == "passthrough":
@@ -133,6 +143,24 @@ def run_episodes(
                     e.env.submit_step(action)  # all steps of the turn start before any is awaited
                 actions.append((action, parsed))
             for e, conv, c, (action, parsed) in zip(active, convs, completions, actions):
+                if c.error is not None:
+                    # The episode ends here as a visible failure; its step is recorded with the
+                    # error (no environment step, no parse failure counted).
+                    e.error = f"model: {c.error}"
+                    e.done = True
+                    e.prompt_tokens += c.prompt_tokens
+                    stats.prompt_tokens += c.prompt_tokens
+                    if on_step:
+                        on_step({"kind": "step", "task": e.task_id, "sample": e.sample, "step": e.step,
+                                 "prompt": conv, "completion": "", "action": None, "parsed": False,
+                                 "valid": False, "observation": None, "reward": 0.0, "done": True,
+                                 "success": False, "prompt_tokens": c.prompt_tokens,
+                                 "completion_tokens": 0, "finish_reason": "error",
+                                 "error": c.error, "retries": c.retries})
+                    e.step += 1
+                    if on_episode:
+                        on_episode(e.summary())
+                    continue
                 if not parsed:
                     e.parse_failures += 1
                 if action is None:
@@ -153,6 +181,8 @@ def run_episodes(
                           "valid": valid, "observation": obs.text, "reward": reward, "done": done,
                           "success": success, "prompt_tokens": c.prompt_tokens,
                           "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason}
+                if c.retries:
+                    record["retries"] = c.retries
                 e.history.append({"action": action if action is not None else c.text.strip(),
                                   "observation": obs.text})
                 e.obs = obs

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import leafe
 from leafe.errors import SpecError
 from leafe.spec.loader import LoadedSpec
-from leafe.spec.schema import EXECUTION_ONLY
+from leafe.spec.schema import EXECUTION_ONLY, MODEL_EXECUTION_ONLY
 
 EVAL_VERSION = 1
 
@@ -76,7 +76,7 @@ def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
         "seed": spec.seed,
         "env": spec.env.model_dump(mode="json", exclude=EXECUTION_ONLY),
         "env_options": loaded.env_options.model_dump(mode="json"),
-        "policy": spec.models.policy.model_dump(mode="json"),
+        "policy": spec.models.policy.model_dump(mode="json", exclude=MODEL_EXECUTION_ONLY),
     }
     per_method: dict[str, list[PlannedStage]] = {}
     for name, cfg in loaded.methods.items():
@@ -86,7 +86,8 @@ def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
             stages.append(PlannedStage(
                 id=f"{name}.{sd.name}", kind="train", method=name, deps=[],
                 inputs={**common, "budget": spec.budget.model_dump(mode="json"),
-                        "reflector": spec.reflector().model_dump(mode="json"),
+                        **{f"role:{r}": spec.role(r).model_dump(mode="json", exclude=MODEL_EXECUTION_ONLY)
+                           for r in sd.roles},
                         "method": cfg.model_dump(mode="json"), "stage": sd.inputs},
                 version=sd.version, run=sd.run, produces_checkpoint=sd.produces_checkpoint,
             ))

@@ -14,7 +14,7 @@ class Scripted(ChatModel):
         self.replies = replies
         self.calls = []
 
-    def generate(self, conversations, sampling):
+    def _generate(self, conversations, sampling, seeds):
         self.calls.append((len(conversations), sampling))
         out = []
         for i, conv in enumerate(conversations):

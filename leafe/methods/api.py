@@ -40,6 +40,9 @@ class StageDef:
     """Bump when the stage's behaviour changes, so cached results are not reused."""
     produces_checkpoint: bool = False
     """True when the stage writes `checkpoint/` (a model directory evaluation can load)."""
+    roles: tuple[str, ...] = ()
+    """Model roles besides the policy that the stage calls (`reflector`, `teacher`): their
+    specs join the stage key, so changing an unused role re-runs nothing."""
 
 
 class Method:

@@ -104,15 +104,15 @@ class TransformersModel(ChatModel):
         # The template writes its own special tokens: add none.
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def generate(self, conversations: list[Conversation], sampling: Sampling) -> list[Completion]:
+    def _generate(
+        self, conversations: list[Conversation], sampling: Sampling, seeds: list[int] | None
+    ) -> list[Completion]:
         """Sample `sampling.n` replies per conversation, conversation-major.
 
         Conversations are processed `spec.batch_size` at a time (each repeated n times), left
         padded. With `sampling.seed` set, the global torch RNG is seeded once before the first
         chunk, so the same call returns the same samples.
         """
-        if sampling.n < 1 or sampling.max_tokens < 1:
-            raise ValueError(f"need n >= 1 and max_tokens >= 1, got {sampling}")
         from transformers import GenerationConfig
 
         prompts = [self._encode(c) for c in conversations]

@@ -249,8 +249,11 @@ def apply_set(doc: Located, assignment: str) -> None:
 def _pydantic_problems(err: ValidationError, doc: Located, prefix: Path_ = ()) -> list[str]:
     out = []
     for e in err.errors(include_url=False):
-        loc = prefix + tuple(e["loc"])
+        # union tags ("@litellm", see schema.AnyModelSpec) are not part of the user's path
+        loc = prefix + tuple(p for p in e["loc"] if not (isinstance(p, str) and p.startswith("@")))
         msg = e["msg"]
+        if e["type"] == "invalid_backend":
+            loc += ("backend",)
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `leafe validate --help` or the README list the fields)"
         elif e["type"] == "missing":

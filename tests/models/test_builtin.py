@@ -13,7 +13,7 @@ import pytest
 from leafe import models
 from leafe.errors import UserError
 from leafe.models import builtin
-from leafe.spec.schema import ModelSpec
+from leafe.spec.schema import TransformersModelSpec as ModelSpec
 
 TEXTS = [
     "Step 3: <action>left</action>\n#_OX√PS#\n#######",
@@ -183,9 +183,13 @@ def test_weights_hash_streams_and_combines(tmp_path: Path):
     assert builtin.weights_hash(tmp_path)["weights_sha256"] != h["weights_sha256"]
 
 
-def test_load_unknown_backend():
+def test_load_unregistered_backend(monkeypatch):
+    from leafe.spec.schema import model_spec
+
+    monkeypatch.setattr(models.registry, "_entries", {"transformers": models.registry._entries["transformers"]})
+    monkeypatch.setattr(models.registry, "_plugins_scanned", True)
     with pytest.raises(UserError) as e:
-        models.load(ModelSpec(backend="vllm", name="leafe:tiny-qwen2"))
+        models.load(model_spec(backend="vllm", name="leafe:tiny-qwen2"))
     assert "vllm" in str(e.value) and "available backends: transformers" in str(e.value)
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from leafe import models
 from leafe.models import Completion, Sampling
-from leafe.spec.schema import ModelSpec
+from leafe.spec.schema import TransformersModelSpec as ModelSpec
 
 CONVS = [
     [{"role": "user", "content": "Push the box: <action>left</action>?"}],
