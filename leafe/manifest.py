@@ -66,12 +66,16 @@ def write_manifest(loaded: LoadedSpec, plan: Plan) -> Path:
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     stages = []
     models = {}
+    usage = {}
     for s in plan.stages:
         entry = {"id": s.id, "kind": s.kind, "hash": s.hash, "dir": s.dirname if s.kind != "report" else None,
                  "deps": s.deps, "status": plan.status(s)}
         model_file = plan.dir(s) / "model.json"
         if model_file.exists():
             models[s.id] = read_json(model_file)
+        usage_file = plan.dir(s) / "usage.json"
+        if usage_file.exists():
+            usage[s.id] = read_json(usage_file)
         stages.append(entry)
     atomic_write_json(path, {
         "leafe_version": leafe.__version__,
@@ -83,6 +87,7 @@ def write_manifest(loaded: LoadedSpec, plan: Plan) -> Path:
                   "derivation": "sha256 of (master, stage, chunk/turn names); see leafe.seeds"},
         "stages": stages,
         "models": models,
+        "usage": usage,
         "packages": package_versions(),
         "git": git_revision(),
         "host": host(),

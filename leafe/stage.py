@@ -92,12 +92,53 @@ class StageContext:
             return policy
         return policy.model_copy(update={"name": str(checkpoint), "revision": None})
 
-    def load_policy(self, checkpoint: Path | None) -> "ChatModel":
+    def load_models(self, roles: tuple[str, ...] = ("policy",),
+                    checkpoint: Path | None = None) -> dict[str, "ChatModel"]:
+        """Load the models of `roles` (`policy`, `reflector`, `teacher`), the policy from
+        `checkpoint` when given. A role written as `policy` shares the policy's loaded weights
+        (the current policy, checkpoint included) through a `RoleView` that keeps its own usage.
+        Writes model.json ({role: provenance}) for the manifest."""
         from leafe import models
+        from leafe.models.base import RoleView
 
-        model = models.load(self.policy_spec(checkpoint))
-        atomic_write_json(self.dir / "model.json", model.provenance())
-        return model
+        loaded: dict[str, "ChatModel"] = {}
+        prov: dict[str, dict] = {}
+        policy = None
+        try:
+            for role in roles:
+                if role == "policy" or getattr(self.spec.models, role) == "policy":
+                    if policy is None:
+                        policy = models.load(self.policy_spec(checkpoint))
+                    loaded[role] = policy if role == "policy" else RoleView(policy, role)
+                    prov[role] = policy.provenance() if role == "policy" else {"same_as": "policy"}
+                else:
+                    loaded[role] = models.load(self.spec.role(role))
+                    prov[role] = loaded[role].provenance()
+        except BaseException:
+            close_models(loaded)
+            raise
+        atomic_write_json(self.dir / "model.json", prov)
+        self._usage_base = read_json(self.dir / "usage.json") if (self.dir / "usage.json").exists() else {}
+        return loaded
+
+    def save_usage(self, loaded: dict[str, "ChatModel"]) -> dict[str, dict]:
+        """Write usage.json: per role, what this stage's models spent, totalled over resumed
+        sessions (calls, samples, tokens, retries, errors, cache hits, seconds)."""
+        base = getattr(self, "_usage_base", {})
+        out = {}
+        for role, model in loaded.items():
+            now = model.usage.as_dict()
+            before = base.get(role, {})
+            out[role] = {k: round(v + before.get(k, 0), 3) if isinstance(v, float) else v + before.get(k, 0)
+                         for k, v in now.items()}
+        atomic_write_json(self.dir / "usage.json", out)
+        return out
+
+
+def close_models(loaded: dict[str, "ChatModel"]) -> None:
+    """Close each distinct loaded model once (role views close nothing)."""
+    for model in {id(m): m for m in loaded.values()}.values():
+        model.close()
 
 
 def run_eval(ctx: StageContext) -> dict:
@@ -129,7 +170,8 @@ def run_eval(ctx: StageContext) -> dict:
             top_p=spec.eval.top_p if spec.eval.top_p is not None else policy.top_p,
             max_tokens=policy.max_tokens,
         )
-        model = ctx.load_policy(ctx.start_checkpoint())
+        loaded = ctx.load_models(("policy",), ctx.start_checkpoint())
+        model = loaded["policy"]
         retries = spec.env.episode_retries
         try:
             with ctx.env_factory() as make_env, \
@@ -154,6 +196,7 @@ def run_eval(ctx: StageContext) -> dict:
                             run_episodes(make_env, chunks[i], model, sampling, spec.env,
                                          seed=derive_seed(spec.seed, "eval", i),
                                          on_step=on_step, on_episode=on_episode)
+                            ctx.save_usage(loaded)
                             break
                         except EnvWorkerError as err:
                             errors["env_errors"] += 1
@@ -179,11 +222,14 @@ def run_eval(ctx: StageContext) -> dict:
                                 bar.on_episode()
                             break
         finally:
-            model.close()
+            ctx.save_usage(loaded)
+            close_models(loaded)
 
     episodes = [r for r in log if r["kind"] == "episode"]
     metrics = episode_metrics(episodes, spec.eval.k)
     metrics.update(errors)
+    if (ctx.dir / "usage.json").exists():
+        metrics["usage"] = read_json(ctx.dir / "usage.json")
     atomic_write_json(ctx.dir / "metrics.json", metrics)
     return metrics
 

@@ -65,7 +65,7 @@ def test_end_to_end_then_cached(tmp_path, leafe_cache):
     ck = plan.dir(plan.stage("sft.train")) / "checkpoint"
     assert (ck / "config.json").exists() and list(ck.glob("*.safetensors"))
     model_info = json.loads((plan.dir(plan.stage("eval.sft")) / "model.json").read_text())
-    assert Path(model_info["path"]).resolve() == ck.resolve()
+    assert Path(model_info["policy"]["path"]).resolve() == ck.resolve()
     train = json.loads((plan.dir(plan.stage("sft.train")) / "metrics.json").read_text())
     assert train["interactions"] > 0 and train["steps"] >= 1 and train["examples"] > 0
     assert train["last_loss"] < train["first_loss"]
@@ -87,7 +87,14 @@ def test_end_to_end_then_cached(tmp_path, leafe_cache):
     assert manifest["spec"]["name"] == "e2e" and manifest["seeds"]["master"] == 7
     assert manifest["packages"]["torch"] and manifest["host"]["cpus"]
     assert {s["id"] for s in manifest["stages"]} == {"sft.train", "eval.base", "eval.sft", "report"}
-    assert manifest["models"]["eval.base"]["weights_sha256"]
+    assert manifest["models"]["eval.base"]["policy"]["weights_sha256"]
+    # model usage per stage and role: one sample per recorded step, tokens as in the records
+    for name in ("base", "sft"):
+        recs = records(plan.dir(plan.stage(f"eval.{name}")))
+        steps = [r for r in recs if r["kind"] == "step"]
+        usage = manifest["usage"][f"eval.{name}"]["policy"]
+        assert usage["samples"] == len(steps) and usage["errors"] == 0
+        assert usage["completion_tokens"] == sum(r["completion_tokens"] for r in steps)
 
     # a second run executes nothing and reports the same numbers
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("records.jsonl")}
@@ -154,4 +161,7 @@ def test_sigkill_mid_eval_resumes_to_identical_records(tmp_path, leafe_cache):
     assert sorted(got, key=key) == sorted(ref, key=key)
     m_got = json.loads((log.parent / "metrics.json").read_text())
     m_ref = json.loads((ref_log.parent / "metrics.json").read_text())
+    # usage is what was spent: the killed run re-drew the samples of its unfinished chunk
+    u_got, u_ref = m_got.pop("usage")["policy"], m_ref.pop("usage")["policy"]
     assert m_got == m_ref
+    assert u_got["samples"] >= u_ref["samples"] == sum(r["kind"] == "step" for r in ref)

@@ -127,7 +127,7 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     start = ctx.start_checkpoint()
     policy = ctx.policy_spec(start)
     path, provenance = resolve(policy.name, policy.revision)
-    atomic_write_json(ctx.dir / "model.json", {"role": "initial weights", **provenance})
+    atomic_write_json(ctx.dir / "model.json", {"initial": provenance})
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -132,3 +132,22 @@ class ChatModel(ABC):
 
     def close(self) -> None:
         """Free memory / processes."""
+
+
+class RoleView(ChatModel):
+    """Another role served by an already loaded model (e.g. `reflector: policy`): the same
+    weights and sampling, its own `usage`, and `close` leaves the model to its owner."""
+
+    def __init__(self, model: ChatModel, role: str):
+        self.model = model
+        self.role = role
+
+    def _generate(self, conversations: list[Conversation], sampling: Sampling,
+                  seeds: list[int] | None) -> list[Completion]:
+        return self.model._generate(conversations, sampling, seeds)
+
+    def provenance(self) -> dict[str, Any]:
+        return {**self.model.provenance(), "shared_with": "policy"}
+
+    def close(self) -> None:
+        pass

@@ -329,7 +329,7 @@ def run_eval_scripted(tmp: Path, overrides: list[str], monkeypatch) -> tuple[lis
     stage = plan.stage("eval.base")
     out = io.StringIO()
     ctx = StageContext(loaded, plan, stage, plan.dir(stage), Console(file=out, width=200))
-    monkeypatch.setattr(StageContext, "load_policy", lambda self, checkpoint: SeededPolicy())
+    monkeypatch.setattr(StageContext, "load_models", lambda self, roles, checkpoint: {"policy": SeededPolicy()})
     run_eval(ctx)
     return (*read_stage(plan.dir(stage)), " ".join(out.getvalue().split()))
 
