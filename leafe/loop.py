@@ -18,7 +18,8 @@ from typing import Callable
 from leafe.envs.base import Env, Observation
 from leafe.errors import EnvWorkerError
 from leafe.models.base import ChatModel, Conversation, Sampling
-from leafe.prompts import parse_action, render
+from leafe.parsing import parse_action
+from leafe.prompts import render
 from leafe.seeds import derive_seed
 from leafe.spec.schema import EnvSpec
 

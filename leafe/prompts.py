@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any
 
 from jinja2 import StrictUndefined, TemplateSyntaxError
@@ -33,12 +32,3 @@ def check_template(source: str) -> str | None:
 
 def render(source: str, **variables: Any) -> str:
     return _compile(source).render(**variables).strip()
-
-
-def parse_action(text: str, pattern: str) -> str | None:
-    """The action in a reply: group 1 of the first match (or the whole match), else None."""
-    m = re.search(pattern, text, flags=re.DOTALL)
-    if not m:
-        return None
-    action = m.group(1) if m.groups() else m.group(0)
-    return action.strip() if action is not None else None

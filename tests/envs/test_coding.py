@@ -549,7 +549,7 @@ def test_specs_validate():
 
 
 def test_preset_parses_code_blocks():
-    from leafe.prompts import parse_action
+    from leafe.parsing import parse_action
     from leafe.spec import load_spec
 
     pattern = load_spec(ROOT / "specs" / "coding-offline.yaml").spec.env.action.pattern
