@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
+from pathlib import Path
+from typing import Iterator
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -98,3 +101,32 @@ def training_callback(console: Console, description: str):
                 self.progress = None
 
     return RichTrainingBar()
+
+
+@contextlib.contextmanager
+def run_logging(console: Console, log_file: Path) -> Iterator[None]:
+    """While a run lasts, leafe's log records at WARNING and above (retried API calls, worker
+    restarts, ...) go to the console and, with timestamps, to `log_file` (appended, so a
+    resumed run keeps the history)."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("leafe")
+    screen = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    screen.setLevel(logging.WARNING)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    disk = logging.FileHandler(log_file, encoding="utf-8")
+    disk.setLevel(logging.INFO)
+    disk.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(screen)
+    logger.addHandler(disk)
+    try:
+        yield
+    finally:
+        logger.removeHandler(screen)
+        logger.removeHandler(disk)
+        disk.close()
+        logger.setLevel(old_level)

@@ -40,12 +40,12 @@ def run_lock(root: Path):
 
 def run(loaded: LoadedSpec, runs_dir: Path | str = "runs", reports_dir: Path | str = "reports",
         console: Console | None = None) -> dict:
-    from leafe.progress import quiet_libraries
+    from leafe.progress import quiet_libraries, run_logging
 
     quiet_libraries()
     console = console or Console()
     plan = build_plan(loaded, runs_dir)
-    with run_lock(plan.root):
+    with run_lock(plan.root), run_logging(console, plan.root / "leafe.log"):
         write_manifest(loaded, plan)
         if any(plan.status(s) not in ("done", "always") for s in plan.stages):
             _preflight(loaded, console)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -34,6 +35,8 @@ from leafe.store import RecordLog, atomic_write_json, read_json
 
 if TYPE_CHECKING:
     from leafe.models.base import ChatModel
+
+log_ = logging.getLogger("leafe.stage")
 
 
 @dataclass
@@ -207,11 +210,15 @@ def run_eval(ctx: StageContext) -> dict:
                                 ctx.console.print(
                                     f"[yellow]⚠ {ctx.stage.id}: re-running chunk {i} (retry "
                                     f"{attempt}/{retries}): {escape(str(err))}[/yellow]")
+                                log_.info("%s: re-running chunk %d (retry %d/%d): %s",
+                                          ctx.stage.id, i, attempt, retries, err)
                                 # as on resume: the re-run writes the unfinished episodes anew
                                 _drop_unfinished(log, finished)
                                 continue
                             atomic_write_json(errors_file, errors)
                             lost = _errored_episodes(err, chunks[i], finished)
+                            log_.info("%s: chunk %d failed %d time(s); %d episode(s) recorded as "
+                                      "errored: %s", ctx.stage.id, i, attempt + 1, len(lost), err)
                             ctx.console.print(
                                 f"[red]✗ {ctx.stage.id}: chunk {i} failed {attempt + 1} time(s); "
                                 f"{len(lost)} episode(s) recorded as errored (failures): "
