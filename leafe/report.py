@@ -30,12 +30,21 @@ def collect(loaded: LoadedSpec, plan: Plan) -> dict:
         ev = plan.stage(f"eval.{name}")
         episodes = read_episodes(plan.dir(ev)) if plan.status(ev) == "done" else []
         train_interactions = 0
+        usage: dict[str, dict] = {}
         for s in plan.stages:
+            if s.method != name:
+                continue
             mf = plan.dir(s) / "metrics.json"
-            if s.kind == "train" and s.method == name and mf.exists():
+            if s.kind == "train" and mf.exists():
                 train_interactions += int(read_json(mf).get("interactions", 0))
+            uf = plan.dir(s) / "usage.json"
+            if uf.exists():  # model usage per role, summed over the method's stages
+                for role, u in read_json(uf).items():
+                    tot = usage.setdefault(role, {})
+                    for k, v in u.items():
+                        tot[k] = round(tot.get(k, 0) + v, 3)
         row = {"method": name, "type": loaded.method_types[name], "status": plan.status(ev),
-               "train_interactions": train_interactions}
+               "train_interactions": train_interactions, "usage": usage}
         if episodes:
             m = episode_metrics(episodes, spec.eval.k)
             m.pop("per_task")
@@ -87,6 +96,13 @@ def to_markdown(data: dict) -> str:
                  colalign=["left"] + ["right"] * (len(header) - 1)),
         "",
     ]
+    for r in data["rows"]:
+        for role, u in r.get("usage", {}).items():
+            if u.get("retries") or u.get("errors"):
+                lines.append(f"Model calls of `{r['method']}` ({role}): {u.get('retries', 0)} retried "
+                             f"request(s), {u.get('errors', 0)} sample(s) failed after retries (their "
+                             f"episodes count as failures).")
+                lines.append("")
     tasks = {r.get("tasks") for r in data["rows"] if "tasks" in r}
     if tasks:
         lines.append(f"Test tasks: {', '.join(map(str, sorted(tasks)))}. Generated {data['generated']} by leafe.")
