@@ -27,7 +27,7 @@ from leafe import envs, models  # noqa: E402
 from leafe.loop import LoopStats, run_episodes  # noqa: E402
 from leafe.models.base import Sampling  # noqa: E402
 from leafe.spec import load_spec  # noqa: E402
-from leafe.spec.schema import ModelSpec  # noqa: E402
+from leafe.spec.schema import TransformersModelSpec  # noqa: E402
 
 NAMES = {"tiny": "leafe:tiny-qwen2", "smollm2": "leafe:smollm2-135m-instruct"}
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,7 +61,7 @@ def main() -> None:
     env_spec, env_options = loaded.spec.env, loaded.env_options.model_dump()
     results = []
     for key in args.models:
-        model = models.load(ModelSpec(name=NAMES[key], batch_size=16))
+        model = models.load(TransformersModelSpec(name=NAMES[key], batch_size=16))
         measure(model, env_spec, env_options, 2, 2, 1)  # warm-up
         rows = [measure(model, env_spec, env_options, args.episodes, b, args.steps) for b in (1, 16)]
         speedup = rows[1]["steps_per_s"] / rows[0]["steps_per_s"]

@@ -3,7 +3,7 @@ depths 5, 20 and 50, and env steps per second in-process vs in a `WorkerPool` of
 workers, for each environment of the paper (sokoban, alfworld, textworld, sciworld, coding).
 
     LEAFE_CACHE=/tmp/exp/bench_cache python benchmarks/envs.py [--envs sokoban textworld]
-        [--workers 2] [--quick] [--out benchmarks/envs_results.json]
+        [--workers 2] [--quick] [--out benchmarks/results/envs.json]
 
 Restore: a fixed action sequence of the depth is played (the expert's prefix where the expert
 is longer than the depth; else actions drawn from the admissible list by an RNG seeded from
@@ -416,7 +416,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: few repetitions and steps, depths 5 and 20")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "envs_results.json")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "envs.json")
     args = ap.parse_args()
     depths = tuple(args.depths or (QUICK["depths"] if args.quick else DEPTHS))
     load_start = os.getloadavg()
