@@ -93,7 +93,10 @@ class StageContext:
         policy = self.spec.models.policy
         if checkpoint is None:
             return policy
-        return policy.model_copy(update={"name": str(checkpoint), "revision": None})
+        update = {"name": str(checkpoint), "revision": None}
+        if getattr(policy, "adapter", None) is not None:  # already merged into the checkpoint
+            update["adapter"] = None
+        return policy.model_copy(update=update)
 
     def load_models(self, roles: tuple[str, ...] = ("policy",),
                     checkpoint: Path | None = None) -> dict[str, "ChatModel"]:

@@ -67,3 +67,23 @@ def test_named_instances_of_one_method(tmp_path):
     p = plan_of(tmp_path, text)
     assert {s.id for s in p.stages} >= {"sft_long.train", "eval.sft_long", "sft.train"}
     assert p.stage("sft_long.train").hash != p.stage("sft.train").hash
+
+
+def test_policy_spec_for_a_checkpoint_drops_the_adapter(tmp_path):
+    """A trained checkpoint already holds the merged adapter: loading it must not apply the
+    adapter a second time."""
+    import io
+
+    from rich.console import Console
+
+    from leafe.stage import StageContext
+
+    f = tmp_path / "a.yaml"
+    f.write_text('leafe: 1\nname: a\nenv: {use: sokoban}\nmodels:\n  policy: {name: "leafe:tiny-qwen2", '
+                 'adapter: /some/lora, revision: main}\nmethods:\n  sft: {}\neval: {samples: 1, k: [1]}\n')
+    loaded = load_spec(f)
+    plan = build_plan(loaded, tmp_path / "runs")
+    ctx = StageContext(loaded, plan, plan.stage("eval.sft"), tmp_path, Console(file=io.StringIO()))
+    assert ctx.policy_spec(None).adapter == "/some/lora"
+    ck = ctx.policy_spec(tmp_path / "checkpoint")
+    assert (ck.name, ck.adapter, ck.revision) == (str(tmp_path / "checkpoint"), None, None)

@@ -121,12 +121,15 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from leafe.models.builtin import resolve
+    from leafe.models.transformers import merge_adapter, resolve_with_adapter
     from leafe.store import atomic_replace_dir, atomic_write_json
 
     start = ctx.start_checkpoint()
     policy = ctx.policy_spec(start)
-    path, provenance = resolve(policy.name, policy.revision)
+    path, provenance, adapter, adapter_prov = resolve_with_adapter(
+        policy.name, policy.revision, getattr(policy, "adapter", None))
+    if adapter is not None:
+        provenance = {**provenance, "adapter": adapter_prov}
     atomic_write_json(ctx.dir / "model.json", {"initial": provenance})
     cuda = torch.cuda.is_available()
     dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
@@ -134,6 +137,8 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if adapter is not None:  # train from base + adapter, merged (the checkpoint is one model)
+        model = merge_adapter(model, adapter)
 
     peft_config = None
     if train.lora is not None:

@@ -33,6 +33,8 @@ registry = Registry(
     "leafe.models",
     {
         "transformers": "leafe.models.transformers:TransformersModel",
+        "vllm": "leafe.models.vllm:VLLMModel",
+        "litellm": "leafe.models.litellm:LiteLLMModel",
     },
 )
 
