@@ -4,6 +4,11 @@ Each turn renders every active episode's prompt from the environment preset's te
 calls the policy once for the whole batch, parses the actions, steps the environments and
 records every step. Training methods and evaluation all run through here.
 
+Episodes may also start from an earlier state (`EpisodeStart`: a snapshot restored with
+`Env.restore`, the history before it and the step index) with a prompt transform (LEAFE adds
+its experience that way), and an `after_turn` hook may end episodes after any turn (LEAFE
+reflects there and rolls back); without them the loop behaves exactly as before.
+
 Environments are reset and stepped in two phases (submit every episode's call, then collect
 them in order), so environments hosted in worker processes (`leafe.envs.workers`) work in
 parallel; in-process environments behave exactly as with plain `reset`/`step`.
@@ -15,7 +20,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Callable
 
-from leafe.envs.base import Env, Observation
+from leafe.envs.base import Env, Observation, Snapshot
 from leafe.errors import EnvWorkerError
 from leafe.models.base import ChatModel, Conversation, Sampling
 from leafe.parsing import parse_action
@@ -42,6 +47,23 @@ def render_action(env_spec: EnvSpec, action: str) -> str:
 
 
 @dataclass
+class EpisodeStart:
+    """Where an episode starts instead of `reset(task_id)`: `snapshot` is restored with
+    `Env.restore` and the episode continues at step index `step` with `history` (the
+    {action, observation} entries before it)."""
+
+    snapshot: Snapshot
+    history: list[dict]
+    step: int
+    obs_text: str | None = None
+    """The observation text the agent saw at this point, when it differs from the restored
+    environment's (e.g. an invalid-reply notice); None: the restored observation's."""
+    transform: Callable[[Conversation, int], Conversation] | None = None
+    """Rewrites the rendered conversation at each step (conversation, step index); step
+    records then also carry `plain_prompt`, the conversation before the transform."""
+
+
+@dataclass
 class Episode:
     task_id: str
     sample: int
@@ -60,6 +82,12 @@ class Episode:
     """Environment steps actually taken (unparsable replies do not reach the environment)."""
     error: str | None = None
     """Why the episode was cut short by the model backend (a call failed after its retries)."""
+    start_obs: Observation | None = None
+    """The observation the episode started from (after reset or restore)."""
+    transform: Callable[[Conversation, int], Conversation] | None = None
+    """See `EpisodeStart.transform`."""
+    stop: str | None = None
+    """Why an `after_turn` hook ended the episode (None: it ended by itself)."""
 
     def summary(self) -> dict:
         out = {"kind": "episode", "task": self.task_id, "sample": self.sample, "steps": self.step,
@@ -68,6 +96,8 @@ class Episode:
                "parse_failures": self.parse_failures, "interactions": self.interactions}
         if self.error is not None:
             out["error"] = self.error
+        if self.stop is not None:
+            out["stop"] = self.stop
         return out
 
 
@@ -95,6 +125,8 @@ def run_episodes(
     on_step: Callable[[dict], None] | None = None,
     on_episode: Callable[[dict], None] | None = None,
     stats: LoopStats | None = None,
+    starts: list[EpisodeStart | None] | None = None,
+    after_turn: Callable[[list[Episode]], None] | None = None,
 ) -> list[dict]:
     """Run one episode per (task_id, sample) pair in lockstep; return the episode summaries
     in input order. The same pairs, model and seed give the same episodes.
@@ -102,7 +134,15 @@ def run_episodes(
     An `EnvWorkerError` (a worker process hosting environments died or hung) is raised after
     closing every environment, with `.episodes`: the summaries of the episodes unfinished at
     that point (their steps so far). Retrying is the caller's: re-running the same pairs with
-    the same seed reproduces the episodes."""
+    the same seed reproduces the episodes.
+
+    `starts` (one per pair, None for a plain reset) starts episodes from restored states.
+    `after_turn(stepped)` is called after every turn with the episodes stepped in it (those
+    that just finished included); it may end unfinished ones (`done = True`, `stop` = why),
+    which are then reported to `on_episode` like any finished episode."""
+    if starts is not None and len(starts) != len(pairs):
+        raise ValueError(f"got {len(starts)} starts for {len(pairs)} pairs")
+    starts = starts or [None] * len(pairs)
     stats = stats or LoopStats()
     t0 = time.perf_counter()
     episodes: list[Episode] = []
@@ -111,16 +151,26 @@ def run_episodes(
     try:
         for _ in pairs:
             envs.append(make_env())
-        for env, (task_id, _) in zip(envs, pairs):
-            env.submit_reset(task_id)
-        for env, (task_id, sample) in zip(envs, pairs):
-            episodes.append(Episode(task_id, sample, env, env.collect_reset()))
+        for env, (task_id, _), start in zip(envs, pairs, starts):
+            if start is None:
+                env.submit_reset(task_id)
+        for env, (task_id, sample), start in zip(envs, pairs, starts):
+            if start is None:
+                obs = env.collect_reset()
+                episodes.append(Episode(task_id, sample, env, obs, start_obs=obs))
+                continue
+            obs = env.restore(start.snapshot)
+            if start.obs_text is not None:
+                obs = replace(obs, text=start.obs_text)
+            episodes.append(Episode(task_id, sample, env, obs, history=list(start.history),
+                                    step=start.step, start_obs=obs, transform=start.transform))
         turn = 0
         while True:
             active = [e for e in episodes if not e.done]
             if not active:
                 break
-            convs = [render_conversation(env_spec, e.obs, e.history, e.step) for e in active]
+            plain = [render_conversation(env_spec, e.obs, e.history, e.step) for e in active]
+            convs = [e.transform(c, e.step) if e.transform else c for e, c in zip(active, plain)]
             g0 = time.perf_counter()
             # one seed per episode and step: a sample does not depend on its batch neighbours
             completions = model.generate(
@@ -143,7 +193,7 @@ def run_episodes(
                 if action is not None:
                     e.env.submit_step(action)  # all steps of the turn start before any is awaited
                 actions.append((action, parsed))
-            for e, conv, c, (action, parsed) in zip(active, convs, completions, actions):
+            for e, conv, plain_conv, c, (action, parsed) in zip(active, convs, plain, completions, actions):
                 if c.error is not None:
                     # The episode ends here as a visible failure; its step is recorded with the
                     # error (no environment step, no parse failure counted).
@@ -184,6 +234,8 @@ def run_episodes(
                           "completion_tokens": c.completion_tokens, "finish_reason": c.finish_reason}
                 if c.retries:
                     record["retries"] = c.retries
+                if e.transform is not None:
+                    record["plain_prompt"] = plain_conv
                 e.history.append({"action": action if action is not None else c.text.strip(),
                                   "observation": obs.text})
                 e.obs = obs
@@ -200,6 +252,12 @@ def run_episodes(
                     on_step(record)
                 if e.done and on_episode:
                     on_episode(e.summary())
+            if after_turn is not None:
+                running = [e for e in active if not e.done]
+                after_turn(active)
+                for e in running:
+                    if e.done and on_episode:
+                        on_episode(e.summary())
     except EnvWorkerError as err:
         started = {(e.task_id, e.sample): e for e in episodes}
         err.episodes = [  # episodes not reset yet: zero steps

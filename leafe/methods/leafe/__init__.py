@@ -1,0 +1,204 @@
+"""`leafe`: LEAFE (arXiv 2603.16843), reflect on environment feedback, roll back, distil.
+
+Two training stages:
+
+- `explore` (Stage 1, no gradient updates): per train task, roll out with the current policy;
+  every `reflect_every` steps or upon failure the reflector names the step τ where the
+  trajectory went wrong and an experience e (or declines); the environment is restored to the
+  state before τ (reset + replay of the actions before it, through `Env.restore`), the revised
+  action is sampled with e in the prompt and the branch continues. Branch requests run
+  breadth-first (one agent-loop wave per tree depth, batched across tasks and branches) until
+  `max_depth`, `max_attempts` or the interaction budget is reached. One exploration tree per
+  task is appended to `trees.jsonl` as soon as the task is finished (resumable).
+- `distill` (Stage 2): SFT on L = L_cf + β·L_reh with TRL's SFTTrainer (`train_sft`):
+  counterfactual examples (the ORIGINAL, experience-free prompt before τ → the revised action
+  a'_τ) and rehearsal examples (every step of a random share of the successful trajectories).
+
+Test time is the plain evaluation stage (no reflection, no rollback). See `LeafeConfig` for
+every choice the paper leaves open and its default.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from leafe.methods.api import Method, MethodConfig, StageDef
+from leafe.methods.sft import TrainSpec
+
+DEFAULT_REFLECTION_SYSTEM = (
+    "You review an agent's attempt at a task and find where it went wrong. Be brief."
+)
+
+DEFAULT_REFLECTION_USER = """\
+Task: {{ task }}
+Initial observation:
+{{ initial_observation }}
+
+The agent's attempt so far ({{ steps }} steps, {{ status }}):
+{% for h in history %}
+Step {{ h.step }}: {{ h.action }}
+-> {{ h.observation }}
+{% endfor %}
+{% if hint %}
+Hint: {{ hint }}
+{% endif %}
+Which step's action (1-{{ steps }}) first led the attempt astray? Answer exactly as
+<step>N</step><experience>what went wrong at that step and what to do instead, in one or two sentences</experience>
+or, if the attempt is on track, <step>none</step>."""
+
+DEFAULT_HINTS = {
+    "sokoban": "A box pushed into a corner or along a wall away from the target can never be "
+               "brought back; check each push before making it.",
+    "alfworld": "Check that the object was found and picked up before using it, and that "
+                "receptacles were opened before looking inside.",
+    "sciworld": "Check that each action used an object that exists in the current room and "
+                "that the required tool was in the inventory.",
+    "textworld": "Check that doors were opened and items taken before they were needed.",
+    "coding": "Check the failing test's input against the code's handling of edge cases.",
+}
+
+
+class ReflectionSpec(BaseModel):
+    """The reflector's prompt (sandboxed Jinja2) and output format.
+
+    Template variables: `task` (goal text), `initial_observation`, `history` (list of
+    {step (1-based), action, observation}), `steps` (steps so far), `max_steps`, `status`
+    (`failed` or `in progress`), `trigger` (`failure` or `periodic`), `hint` (this
+    environment's entry of `hints`, or empty)."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    system: str | None = DEFAULT_REFLECTION_SYSTEM
+    """System message template; omitted when null."""
+    user: str = DEFAULT_REFLECTION_USER
+    """User message template."""
+    format: Literal["tags", "json"] = "tags"
+    """Reply format the prompt asks for (see `leafe.parsing.parse_reflection`): `tags`
+    (<step>N</step><experience>...</experience>, <step>none</step> declines) or `json`
+    ({"step": N, "experience": "..."}, {"step": null} declines)."""
+    hints: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_HINTS))
+    """Per-environment hint (by adapter name) given to the template as `hint`."""
+    max_tokens: int | None = Field(256, ge=1)
+    """Token limit of a reflection; null: the reflector's `max_tokens`."""
+    temperature: float | None = Field(None, ge=0)
+    """Reflection temperature; null: the reflector's."""
+
+    @field_validator("system", "user")
+    @classmethod
+    def _compiles(cls, v: str | None) -> str | None:
+        from leafe.prompts import check_template
+
+        if v is not None and (msg := check_template(v)):
+            raise ValueError(f"template error: {msg}")
+        return v
+
+
+def _paper_train() -> TrainSpec:
+    # The paper: lr 1e-6, batch 128, 2-3 epochs, standard next-token SFT (full fine-tuning).
+    return TrainSpec(epochs=2, lr=1e-6, batch_size=8, grad_accum=16)
+
+
+class LeafeConfig(MethodConfig):
+    """LEAFE: reflective exploration with rollback (Stage 1), then distillation (Stage 2).
+    Fields the paper does not state are marked "(not in the paper)" with the reason for the
+    default."""
+
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
+
+    # -- Stage 1: exploration -------------------------------------------------------------------
+    reflect_every: int | None = Field(5, ge=1)
+    """K: reflect after every K steps of a branch (and always upon failure); null: only upon
+    failure (the paper's setting for code, where rollback happens only when the turns are
+    exhausted). (Not in the paper; 5 is the value of the project's example spec.) A periodic
+    reflection that branches rolls the running trajectory back: it stops (`rolled_back`) and
+    its branch continues from τ."""
+    max_depth: int = Field(4, ge=1)
+    """Deepest branch (the first rollout is depth 0). (Not in the paper.)"""
+    branches_per_node: int = Field(1, ge=1)
+    """Reflections sampled at each reflection point; every one that branches adds a child.
+    (Not in the paper; 1 keeps the tree a chain of corrections per failure.)"""
+    max_attempts: int = Field(16, ge=1)
+    """Attempt budget: trajectories per task, the first rollout included (a node of the
+    tree is one attempt). Exploration also stops at `budget.interactions_per_task`
+    policy-chosen environment steps. (Not in the paper.)"""
+    experience_scope: Literal["branch", "step"] = "branch"
+    """Where the experience stays in the prompt: `branch`, every step of the revised branch
+    (its descendants start from their own experience); `step`, only the revised step τ.
+    (Not in the paper.)"""
+    experience_template: str = "Lesson from an earlier attempt: {{ experience }}"
+    """Jinja2 template of the note put before the last user message of the policy's prompt
+    (variable: `experience`)."""
+    batch_tasks: int = Field(16, ge=1)
+    """Tasks explored together in one batch of waves; also the unit of resumption (a killed
+    stage re-runs the unfinished batch whole, so its trees are those of an uninterrupted
+    run). Execution only."""
+    reflection: ReflectionSpec = Field(default_factory=ReflectionSpec)
+    """The reflection prompt and output format."""
+
+    # -- ablations ------------------------------------------------------------------------------
+    rollback: bool = True
+    """False: no rollback, a branch restarts from the beginning with the experience (iterative
+    refinement); its counterfactual target is then the first action of the new attempt."""
+    use_experience: bool = True
+    """False: no experience, a branch only resamples the action at τ (the reflector still
+    picks τ)."""
+    counterfactual: bool = True
+    """False: no L_cf, rehearsal only."""
+
+    # -- Stage 2: distillation ------------------------------------------------------------------
+    only_successful: bool = True
+    """Distil a branch event only when its branch's subtree reaches success (recommended;
+    not stated in the paper)."""
+    cf_per_task: int = Field(3, ge=1)
+    """Branch events sampled per task for L_cf (the paper: 3)."""
+    rehearsal_fraction: float = Field(0.2, ge=0, le=1)
+    """Share of the successful trajectories (branched ones included) whose every step joins
+    L_reh (the paper: 20%); at least one when there is any and the share is > 0."""
+    beta: float = Field(1.0, ge=0)
+    """β, the weight of L_reh. Implemented by duplication: each rehearsal example is used
+    floor(β) times plus once more with probability frac(β) (seeded), an approximation of a
+    per-example loss weight (TRL averages the loss over tokens). (Not in the paper.)"""
+    target: Literal["completion", "action"] = "completion"
+    """Training target of a step: the policy's own reply text, or the action rendered with
+    `env.action.render` (drops any reasoning before the action)."""
+    train: TrainSpec = Field(default_factory=_paper_train)
+    """Fine-tuning hyper-parameters; defaults are the paper's (lr 1e-6, effective batch 128 =
+    8 x 16 accumulation, 2 epochs, full fine-tuning; set `lora` for LoRA)."""
+
+    @field_validator("experience_template")
+    @classmethod
+    def _template_compiles(cls, v: str) -> str:
+        from leafe.prompts import check_template
+
+        if msg := check_template(v):
+            raise ValueError(f"template error: {msg}")
+        return v
+
+    @model_validator(mode="after")
+    def _some_loss(self) -> "LeafeConfig":
+        if not self.counterfactual and self.rehearsal_fraction == 0:
+            raise ValueError("counterfactual: false and rehearsal_fraction: 0 leave nothing to "
+                             "train on; enable one of them")
+        return self
+
+
+def _run_explore(ctx) -> None:
+    from leafe.methods.leafe.explore import run_explore_stage
+
+    run_explore_stage(ctx)
+
+
+def _run_distill(ctx) -> None:
+    from leafe.methods.leafe.distill import run_distill_stage
+
+    run_distill_stage(ctx)
+
+
+class LeafeMethod(Method):
+    Config = LeafeConfig
+
+    def stages(self, instance, config, spec):
+        return [StageDef("explore", run=_run_explore, roles=("reflector",)),
+                StageDef("distill", run=_run_distill, produces_checkpoint=True)]

@@ -1,0 +1,140 @@
+"""LEAFE Stage 2: the distillation set and its supervised fine-tuning.
+
+L = L_cf + β·L_reh, as prompt-completion examples for `leafe.methods.sft.train_sft` (TRL
+SFTTrainer, loss on the completion only):
+
+- L_cf: per task, up to `cf_per_task` branch events (seeded sample; with `only_successful`
+  only those whose branch subtree reaches success). Prompt: the ORIGINAL trajectory's prompt at
+  step τ (its history before τ, no experience); completion: the branch's revised reply a'_τ.
+- L_reh: every step of a seeded `rehearsal_fraction` of the successful trajectories (branched
+  ones included, their inherited prefix too), experience-free prompts; β by duplication (see
+  `LeafeConfig.beta`).
+
+Only steps whose action reached the environment are targets (an unparsable reply is not an
+action to imitate); skipped ones are counted.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+
+from leafe.seeds import derive_seed
+
+
+def _full_steps(nodes: list[dict], node_id: int) -> list[dict]:
+    node = nodes[node_id]
+    if node["parent"] is None:
+        return list(node["steps"])
+    return _full_steps(nodes, node["parent"])[:node["start_step"]] + node["steps"]
+
+
+def _subtree_success(nodes: list[dict]) -> dict[int, bool]:
+    ok = {n["id"]: n["outcome"] == "success" for n in nodes}
+    for n in sorted(nodes, key=lambda n: -n["depth"]):  # children before parents
+        if ok[n["id"]] and n["parent"] is not None:
+            ok[n["parent"]] = True
+    return ok
+
+
+def _usable(step: dict) -> bool:
+    return step["action"] is not None and not step.get("error")
+
+
+def build_dataset(trees: list[dict], cfg, env_spec, seed: int) -> tuple[list[dict], dict]:
+    """Prompt-completion examples (with `kind`: cf or reh, `task`, `node`, `step`) and stats."""
+    from leafe.loop import render_action
+
+    def completion(step: dict) -> list[dict]:
+        text = step["completion"] if cfg.target == "completion" else render_action(env_spec, step["action"])
+        return [{"role": "assistant", "content": text}]
+
+    trees = sorted(trees, key=lambda t: t["task"])
+    stats = {"trees": len(trees), "branch_events": 0, "eligible_events": 0, "cf_examples": 0,
+             "successful_trajectories": 0, "rehearsal_trajectories": 0, "reh_examples": 0,
+             "reh_unique": 0, "skipped_unusable": 0}
+    cf: list[dict] = []
+    successful: list[tuple[dict, dict]] = []
+    for tree in trees:
+        nodes = tree["nodes"]
+        sub = _subtree_success(nodes)
+        successful += [(tree, n) for n in nodes if n["outcome"] == "success"]
+        events = [n for n in nodes if n["parent"] is not None and n["steps"]]
+        stats["branch_events"] += len(events)
+        usable = []
+        for n in events:
+            if not _usable(n["steps"][0]):
+                stats["skipped_unusable"] += 1
+            elif sub[n["id"]] or not cfg.only_successful:
+                usable.append(n)
+        stats["eligible_events"] += len(usable)
+        if not cfg.counterfactual or not usable:
+            continue
+        rng = random.Random(derive_seed(seed, "cf", tree["task"]))
+        chosen = sorted(rng.sample(usable, min(cfg.cf_per_task, len(usable))), key=lambda n: n["id"])
+        for n in chosen:
+            original = _full_steps(nodes, n["parent"])[n["tau"] - 1]
+            cf.append({"kind": "cf", "task": tree["task"], "node": n["id"], "step": n["tau"] - 1,
+                       "prompt": copy.deepcopy(original["prompt"]), "completion": completion(n["steps"][0]),
+                       "experience": n["experience"]})
+    stats["cf_examples"] = len(cf)
+
+    reh: list[dict] = []
+    stats["successful_trajectories"] = len(successful)
+    if cfg.rehearsal_fraction > 0 and successful:
+        rng = random.Random(derive_seed(seed, "rehearsal"))
+        m = max(1, round(cfg.rehearsal_fraction * len(successful)))
+        picked = sorted(rng.sample(range(len(successful)), m))
+        stats["rehearsal_trajectories"] = m
+        whole, frac = math.floor(cfg.beta), cfg.beta - math.floor(cfg.beta)
+        for i in picked:
+            tree, node = successful[i]
+            for step in _full_steps(tree["nodes"], node["id"]):
+                if not _usable(step):
+                    stats["skipped_unusable"] += 1
+                    continue
+                ex = {"kind": "reh", "task": tree["task"], "node": node["id"], "step": step["step"],
+                      "prompt": copy.deepcopy(step["prompt"]), "completion": completion(step)}
+                stats["reh_unique"] += 1
+                copies = whole + (rng.random() < frac)
+                reh += [ex] * copies
+    stats["reh_examples"] = len(reh)
+    return cf + reh, stats
+
+
+def run_distill_stage(ctx) -> None:
+    from leafe.errors import UserError
+    from leafe.methods.leafe.explore import read_trees
+    from leafe.methods.sft import train_sft
+    from leafe.stage import StageContext
+    from leafe.store import RecordLog, atomic_write_json, read_json
+
+    cfg = ctx.loaded.methods[ctx.stage.method]
+    explore = ctx.plan.stage(f"{ctx.stage.method}.explore")
+    data_file, stats_file = ctx.dir / "dataset.jsonl", ctx.dir / "dataset.json"
+    seed = derive_seed(ctx.spec.seed, ctx.stage.id)
+    if stats_file.exists():  # built completely before a restart
+        examples, stats = RecordLog(data_file).read(), read_json(stats_file)
+    else:
+        examples, stats = build_dataset(read_trees(ctx.plan.dir(explore)), cfg, ctx.spec.env, seed)
+        RecordLog(data_file).rewrite(examples)
+        atomic_write_json(stats_file, stats)
+    if not examples:
+        raise UserError(
+            f"{ctx.stage.id}: nothing to distil: {stats['branch_events']} branch event(s) "
+            f"({stats['eligible_events']} usable) and {stats['successful_trajectories']} successful "
+            "trajectories; a stronger starting policy (`init:`), more exploration (budget, "
+            "max_attempts) or `only_successful: false` gives examples")
+    ctx.console.print(f"  {stats['cf_examples']} counterfactual + {stats['reh_examples']} rehearsal examples")
+    # Distillation starts from the policy exploration used (the `init:` checkpoint), which the
+    # planner makes a dependency of the explore stage only.
+    start = StageContext(ctx.loaded, ctx.plan, explore, ctx.plan.dir(explore), ctx.console).start_checkpoint()
+    train_ctx = copy.copy(ctx)
+    train_ctx.start_checkpoint = lambda: start
+    train_stats = train_sft(train_ctx, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples],
+                            cfg.train, seed)
+    ctx.console.print(f"  trained {train_stats['steps']} steps, loss {train_stats['first_loss']:.3f} → "
+                      f"{train_stats['last_loss']:.3f}")
+    # no `interactions` here: the explore stage spent them (the report sums them per method)
+    atomic_write_json(ctx.dir / "metrics.json", {**stats, **train_stats})

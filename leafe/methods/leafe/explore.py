@@ -1,0 +1,362 @@
+"""LEAFE Stage 1: reflective exploration with rollback, one tree per train task.
+
+A chunk of tasks is explored in waves, one per tree depth (breadth-first): wave 0 runs every
+task's first rollout, wave d every branch requested during wave d-1, all through the one agent
+loop (`run_episodes`) in lockstep. Reflection happens in the loop's `after_turn` hook, batched
+over the episodes that reached a reflection point in that turn. A branch starts from
+`EpisodeStart`: the state before step τ restored by `Env.restore` from the action prefix
+(reset + replay, with the observation-hash check), the original history before τ, and a
+prompt transform that adds the experience.
+
+Budget: `interactions_per_task` bounds the policy-chosen environment steps of a task (all its
+nodes together). A node is launched only while budget is left, and after every turn a task
+with more running episodes than steps left has its newest ones stopped (`budget`), so the
+bound holds exactly. Restore replays are counted apart (`replay_steps`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable
+
+from leafe.envs.base import Env, Snapshot, obs_hash
+from leafe.loop import EpisodeStart, run_episodes
+from leafe.models.base import ChatModel, Conversation, Sampling
+from leafe.parsing import parse_reflection
+from leafe.prompts import render
+from leafe.seeds import derive_seed
+from leafe.spec.schema import EnvSpec
+
+#: Step-record fields kept in a tree node.
+_STEP_FIELDS = ("step", "completion", "action", "parsed", "valid", "observation", "reward", "done",
+                "success", "finish_reason", "error")
+
+
+class ExperienceNote:
+    """Prompt transform of a branch: the experience note before the last user message, from
+    step `first` on (`scope` branch) or only at step `first` (`scope` step)."""
+
+    def __init__(self, note: str, first: int, scope: str):
+        self.note, self.first, self.scope = note, first, scope
+
+    def __call__(self, conv: Conversation, step: int) -> Conversation:
+        if step < self.first or (self.scope == "step" and step != self.first):
+            return conv
+        out = [dict(m) for m in conv]
+        last = max(i for i, m in enumerate(out) if m["role"] == "user")
+        out[last]["content"] = f"{self.note}\n\n{out[last]['content']}"
+        return out
+
+
+@dataclass
+class Node:
+    """One trajectory of a tree: the first rollout (root) or a branch from its parent."""
+
+    id: int
+    parent: int | None
+    depth: int
+    tau: int | None = None
+    """1-based step of the parent's trajectory whose action this branch revises (None: root)."""
+    reflected_tau: int | None = None
+    """τ as the reflector named it (differs from `tau` under `rollback: false`)."""
+    experience: str | None = None
+    """The reflector's experience (kept even when `use_experience: false` leaves it out of
+    the prompt)."""
+    in_prompt: bool = False
+    """The experience was in the branch's prompt."""
+    trigger: str | None = None
+    """`failure` or `periodic`: what made the parent reflect."""
+    start_step: int = 0
+    """0-based index of this node's first own step in its full trajectory (= τ-1)."""
+    steps: list[dict] = field(default_factory=list)
+    """Own steps (records of the agent loop; `prompt` is the experience-free prompt)."""
+    outcome: str | None = None
+    """success, failure, rolled_back (a periodic reflection branched), budget, error, or
+    not_run (no budget left when its wave came)."""
+    replay_steps: int = 0
+    """Actions replayed to restore this branch's start state."""
+    reflections: list[dict] = field(default_factory=list)
+    """Every reflection on this node: at_step, trigger, raw text, parse result."""
+    start: EpisodeStart | None = None
+
+    def record(self) -> dict:
+        return {"id": self.id, "parent": self.parent, "depth": self.depth, "tau": self.tau,
+                "reflected_tau": self.reflected_tau, "experience": self.experience,
+                "in_prompt": self.in_prompt, "trigger": self.trigger, "start_step": self.start_step,
+                "actions": [s["action"] for s in self.steps], "steps": self.steps,
+                "outcome": self.outcome, "replay_steps": self.replay_steps,
+                "reflections": self.reflections}
+
+
+@dataclass
+class Tree:
+    task: str
+    nodes: list[Node] = field(default_factory=list)
+    initial_observation: str | None = None
+    interactions: int = 0
+    """Policy-chosen environment steps over all nodes."""
+    pending: list[int] = field(default_factory=list)
+    emitted: bool = False
+
+    def full_steps(self, node_id: int) -> list[dict]:
+        """The node's whole trajectory: its ancestors' steps before τ, then its own."""
+        node = self.nodes[node_id]
+        if node.parent is None:
+            return list(node.steps)
+        return self.full_steps(node.parent)[:node.start_step] + node.steps
+
+    def record(self) -> dict:
+        nodes = [n.record() for n in self.nodes]
+        reflections = [r for n in self.nodes for r in n.reflections]
+        return {"task": self.task, "initial_observation": self.initial_observation,
+                "nodes": nodes, "interactions": self.interactions,
+                "replay_steps": sum(n.replay_steps for n in self.nodes),
+                "reflections": len(reflections),
+                "reflection_parse_failures": sum(not r["ok"] for r in reflections),
+                "branches": len(self.nodes) - 1,
+                "success": any(n.outcome == "success" for n in self.nodes),
+                "root_success": bool(self.nodes) and self.nodes[0].outcome == "success"}
+
+
+def reflection_conversation(cfg, env_adapter: str, task_text: str, initial_observation: str,
+                            history: list[dict], max_steps: int, trigger: str) -> Conversation:
+    r = cfg.reflection
+    variables = dict(task=task_text, initial_observation=initial_observation,
+                     history=[{"step": i + 1, **h} for i, h in enumerate(history)],
+                     steps=len(history), max_steps=max_steps, trigger=trigger,
+                     status="failed" if trigger == "failure" else "in progress",
+                     hint=r.hints.get(env_adapter, ""))
+    conv: Conversation = []
+    if r.system is not None:
+        conv.append({"role": "system", "content": render(r.system, **variables)})
+    conv.append({"role": "user", "content": render(r.user, **variables)})
+    return conv
+
+
+class Explorer:
+    """Explores chunks of tasks; `on_tree(record)` receives each finished task's tree."""
+
+    def __init__(self, *, policy: ChatModel, reflector: ChatModel, env_spec: EnvSpec,
+                 env_adapter: str, cfg, budget: int, policy_sampling: Sampling,
+                 reflect_sampling: Sampling, seed: int, make_env: Callable[[], Env],
+                 on_tree: Callable[[dict], None] | None = None):
+        self.policy, self.reflector, self.env_spec = policy, reflector, env_spec
+        self.env_adapter, self.cfg, self.budget = env_adapter, cfg, budget
+        self.policy_sampling, self.reflect_sampling = policy_sampling, reflect_sampling
+        self.seed, self.make_env, self.on_tree = seed, make_env, on_tree
+
+    # -- driving ----------------------------------------------------------------------------
+    def explore(self, tasks: list[str]) -> list[dict]:
+        """Explore `tasks` together (one chunk); return their tree records in task order."""
+        trees = {t: Tree(t, [Node(0, None, 0)], pending=[0]) for t in tasks}
+        records: dict[str, dict] = {}
+        while any(tr.pending for tr in trees.values()):
+            pairs, starts = [], []
+            for tr in trees.values():
+                left = self.budget - tr.interactions
+                for nid in tr.pending:
+                    node = tr.nodes[nid]
+                    if left <= 0:
+                        node.outcome = "not_run"
+                        continue
+                    left -= 1  # each launched node takes at least its first step
+                    pairs.append((tr.task, nid))
+                    starts.append(node.start)
+                    if node.start is not None:
+                        node.replay_steps = len(node.start.snapshot.actions)
+                tr.pending = []
+            if pairs:
+                run_episodes(self.make_env, pairs, self.policy, self.policy_sampling, self.env_spec,
+                             seed=self.seed, starts=starts,
+                             on_step=lambda r: self._on_step(trees, r),
+                             on_episode=lambda s: self._on_episode(trees, s),
+                             after_turn=lambda eps: self._after_turn(trees, eps))
+            for tr in trees.values():
+                if not tr.pending and not tr.emitted:
+                    tr.emitted = True
+                    records[tr.task] = tr.record()
+                    if self.on_tree:
+                        self.on_tree(records[tr.task])
+        return [records[t] for t in tasks]
+
+    def _on_step(self, trees: dict[str, Tree], r: dict) -> None:
+        tr = trees[r["task"]]
+        node = tr.nodes[r["sample"]]
+        step = {k: r.get(k) for k in _STEP_FIELDS}
+        step["prompt"] = r.get("plain_prompt", r["prompt"])  # experience-free
+        node.steps.append(step)
+        if r["action"] is not None:
+            tr.interactions += 1
+
+    def _on_episode(self, trees: dict[str, Tree], s: dict) -> None:
+        node = trees[s["task"]].nodes[s["sample"]]
+        if s["success"]:
+            node.outcome = "success"
+        elif s.get("error"):
+            node.outcome = "error"
+        else:
+            node.outcome = s.get("stop") or "failure"
+
+    # -- reflection and rollback ------------------------------------------------------------
+    def _can_branch(self, tr: Tree, node: Node) -> bool:
+        return (node.depth < self.cfg.max_depth and len(tr.nodes) < self.cfg.max_attempts
+                and tr.interactions < self.budget)
+
+    def _after_turn(self, trees: dict[str, Tree], stepped) -> None:
+        cfg = self.cfg
+        for e in stepped:
+            tr = trees[e.task_id]
+            if tr.initial_observation is None and e.sample == 0:
+                tr.initial_observation = e.start_obs.text
+        requests = []
+        for e in stepped:
+            if e.error is not None or e.success:
+                continue
+            tr, node = trees[e.task_id], trees[e.task_id].nodes[e.sample]
+            own = e.step - node.start_step
+            if e.done:
+                trigger = "failure"
+            elif cfg.reflect_every and own % cfg.reflect_every == 0:
+                trigger = "periodic"
+            else:
+                continue
+            if self._can_branch(tr, node):
+                requests.append((e, tr, node, trigger))
+        if requests:
+            convs = [reflection_conversation(cfg, self.env_adapter, e.obs.task, tr.initial_observation,
+                                             e.history, self.env_spec.max_steps, trigger)
+                     for e, tr, node, trigger in requests]
+            n = cfg.branches_per_node
+            outs = self.reflector.generate(
+                convs, replace(self.reflect_sampling, n=n),
+                seeds=[derive_seed(self.seed, "reflect", tr.task, node.id, e.step)
+                       for e, tr, node, _ in requests])
+            for i, (e, tr, node, trigger) in enumerate(requests):
+                branched = False
+                for c in outs[i * n:(i + 1) * n]:
+                    refl = parse_reflection(c.text, e.step, cfg.reflection.format)
+                    node.reflections.append({
+                        "at_step": e.step, "trigger": trigger, "raw": c.text, "ok": refl.ok,
+                        "branch": refl.branch, "step": refl.step, "experience": refl.experience,
+                        "error": refl.error if c.error is None else f"model: {c.error}"})
+                    if refl.ok and refl.branch and self._can_branch(tr, node):
+                        self._add_branch(tr, node, refl.step, refl.experience, trigger)
+                        branched = True
+                if branched and not e.done:
+                    e.done, e.stop = True, "rolled_back"
+        # the budget bound: a running episode may take one step per turn
+        for tr in trees.values():
+            running = sorted((e for e in stepped if e.task_id == tr.task and not e.done),
+                             key=lambda e: e.sample)
+            left = self.budget - tr.interactions
+            for e in running[max(left, 0):]:
+                e.done, e.stop = True, "budget"
+
+    def _add_branch(self, tr: Tree, parent: Node, reflected_tau: int, experience: str,
+                    trigger: str) -> Node:
+        cfg = self.cfg
+        tau = reflected_tau if cfg.rollback else 1
+        prefix = tr.full_steps(parent.id)[:tau - 1]
+        sent = [s for s in prefix if s["action"] is not None]
+        env_text = sent[-1]["observation"] if sent else tr.initial_observation
+        snapshot = Snapshot(tr.task, [s["action"] for s in sent], obs_hash(env_text))
+        history = [{"action": s["action"] if s["action"] is not None else s["completion"].strip(),
+                    "observation": s["observation"]} for s in prefix]
+        in_prompt = cfg.use_experience
+        transform = None
+        if in_prompt:
+            note = render(cfg.experience_template, experience=experience)
+            transform = ExperienceNote(note, tau - 1, cfg.experience_scope)
+        node = Node(len(tr.nodes), parent.id, parent.depth + 1, tau=tau, reflected_tau=reflected_tau,
+                    experience=experience, in_prompt=in_prompt, trigger=trigger, start_step=tau - 1)
+        node.start = EpisodeStart(snapshot, history, tau - 1,
+                                  obs_text=prefix[-1]["observation"] if prefix else None,
+                                  transform=transform)
+        tr.nodes.append(node)
+        tr.pending.append(node.id)
+        return node
+
+
+def summarize(trees: list[dict], budget: int) -> dict:
+    """Stage statistics over tree records."""
+    nodes = [n for t in trees for n in t["nodes"]]
+    outcomes: dict[str, int] = {}
+    for n in nodes:
+        outcomes[n["outcome"] or "none"] = outcomes.get(n["outcome"] or "none", 0) + 1
+    k = len(trees) or 1
+    return {
+        "tasks": len(trees), "nodes": len(nodes), "branches": sum(t["branches"] for t in trees),
+        "interactions": sum(t["interactions"] for t in trees),
+        "max_task_interactions": max((t["interactions"] for t in trees), default=0),
+        "interactions_per_task_budget": budget,
+        "replay_steps": sum(t["replay_steps"] for t in trees),
+        "reflections": sum(t["reflections"] for t in trees),
+        "reflection_parse_failures": sum(t["reflection_parse_failures"] for t in trees),
+        "outcomes": outcomes,
+        "root_success_rate": sum(t["root_success"] for t in trees) / k,
+        "tree_success_rate": sum(t["success"] for t in trees) / k,
+        "max_depth_reached": max((n["depth"] for n in nodes), default=0),
+    }
+
+
+def run_explore_stage(ctx) -> None:
+    from leafe import models
+    from leafe.stage import close_models
+    from leafe.store import RecordLog, atomic_write_json
+
+    spec = ctx.spec
+    cfg = ctx.loaded.methods[ctx.stage.method]
+    budget = spec.budget.interactions_per_task
+    tasks = ctx.tasks("train")
+    log = RecordLog(ctx.dir / "trees.jsonl")
+    done = {r["task"] for r in log}
+    chunks = [tasks[i:i + cfg.batch_tasks] for i in range(0, len(tasks), cfg.batch_tasks)]
+    # an unfinished chunk re-runs whole (same composition, same seeds): its trees are exactly
+    # those of an uninterrupted run; the ones already written are skipped
+    todo = [ch for ch in chunks if any(t not in done for t in ch)]
+    if todo:
+        start = ctx.start_checkpoint()
+        loaded = ctx.load_models(("policy", "reflector"), start)
+        policy_spec = ctx.policy_spec(start)
+        r = cfg.reflection
+
+        def on_tree(rec: dict) -> None:
+            if rec["task"] not in done:
+                log.append([rec])
+                done.add(rec["task"])
+
+        try:
+            with ctx.env_factory() as make_env:
+                explorer = Explorer(
+                    policy=loaded["policy"], reflector=loaded["reflector"], env_spec=spec.env,
+                    env_adapter=spec.env.adapter, cfg=cfg, budget=budget,
+                    policy_sampling=models.sampling_from(policy_spec),
+                    reflect_sampling=models.sampling_from(
+                        spec.role("reflector"), max_tokens=r.max_tokens, temperature=r.temperature,
+                        # a tags reply is complete at </experience>; parse_reflection also
+                        # accepts it unclosed
+                        stop=["</experience>"] if r.format == "tags" else None),
+                    seed=derive_seed(spec.seed, ctx.stage.id), make_env=make_env, on_tree=on_tree)
+                for chunk in todo:
+                    explorer.explore(chunk)
+                    ctx.save_usage(loaded)
+                    ctx.console.print(f"  explored {len(done)}/{len(tasks)} tasks")
+        finally:
+            ctx.save_usage(loaded)
+            close_models(loaded)
+    trees = read_trees(ctx.dir)
+    stats = summarize(trees, budget)
+    ctx.console.print(f"  {stats['tasks']} trees, {stats['branches']} branches, "
+                      f"{stats['interactions']} interactions (+{stats['replay_steps']} replayed), "
+                      f"success {stats['root_success_rate']:.2f} → {stats['tree_success_rate']:.2f}")
+    atomic_write_json(ctx.dir / "metrics.json", stats)
+
+
+def read_trees(stage_dir) -> list[dict]:
+    """The tree records of an explore stage, one per task (first record wins)."""
+    from leafe.store import RecordLog
+
+    seen: dict[str, dict] = {}
+    for r in RecordLog(stage_dir / "trees.jsonl"):
+        seen.setdefault(r["task"], r)
+    return list(seen.values())

@@ -1,0 +1,443 @@
+"""LEAFE: Stage 1 exploration with a scripted policy and a scripted reflector (test doubles) on
+real Sokoban rooms, Stage 2 dataset construction, and end to end with the tiny model through
+`leafe.runner.run` (explore → distill → evaluate, and a resumed Stage 1)."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from leafe import envs
+from leafe.methods.leafe import LeafeConfig
+from leafe.methods.leafe.distill import build_dataset
+from leafe.methods.leafe.explore import Explorer
+from leafe.models.base import ChatModel, Completion, Sampling
+from leafe.spec.schema import EnvSpec
+
+NOTE = "Lesson from an earlier attempt:"
+TASK = "train-00000"  # expert: down down right down left; pushing down twice jams the box
+
+
+class Policy(ChatModel):
+    """Replies `fn(step, has_note)`; records every conversation it saw."""
+
+    def __init__(self, fn):
+        self.fn, self.seen, self.batches = fn, [], []
+
+    def _generate(self, conversations, sampling, seeds):
+        self.batches.append(len(conversations))
+        out = []
+        for i, conv in enumerate(conversations):
+            self.seen.append(conv)
+            user = conv[-1]["content"]
+            step = int(re.search(r"STEP=(\d+)", user).group(1))
+            out.append(Completion(self.fn(step, NOTE in user), i, 0, 5, 2))
+        return out
+
+
+class Reflector(ChatModel):
+    """Replies `fn(prompt text)` to every reflection (n samples each)."""
+
+    def __init__(self, fn):
+        self.fn, self.prompts = fn, []
+
+    def _generate(self, conversations, sampling, seeds):
+        out = []
+        for i, conv in enumerate(conversations):
+            text = "\n".join(m["content"] for m in conv)
+            self.prompts.append(text)
+            out += [Completion(self.fn(text), i, s, 7, 3) for s in range(sampling.n)]
+        return out
+
+
+def env_spec(max_steps=4) -> EnvSpec:
+    return EnvSpec(adapter="sokoban", max_steps=max_steps, history=3,
+                   prompt={"system": "sys", "user": "STEP={{ step }}\n{{ observation }}\n"
+                           "{% for h in history %}[{{ h.action }}]{% endfor %}"})
+
+
+def cfg(**kw) -> LeafeConfig:
+    return LeafeConfig(method="leafe", **{"reflect_every": None, **kw})
+
+
+def explore(tasks, policy, reflector, *, budget=100, max_steps=4, seed=0, **kw):
+    return Explorer(policy=policy, reflector=reflector, env_spec=env_spec(max_steps), env_adapter="sokoban",
+                    cfg=cfg(**kw), budget=budget, policy_sampling=Sampling(),
+                    reflect_sampling=Sampling(max_tokens=64), seed=seed,
+                    make_env=lambda: envs.make("sokoban")).explore(tasks)
+
+
+def act(a: str) -> str:
+    return f"<action>{a}</action>"
+
+
+def replay(actions: list[str]) -> str:
+    env = envs.make("sokoban")
+    obs = env.reset(TASK)
+    for a in actions:
+        obs = env.step(a).observation
+    return obs.text
+
+
+def sent(steps):
+    return [s["action"] for s in steps if s["action"] is not None]
+
+
+def full(tree, nid):
+    n = tree["nodes"][nid]
+    if n["parent"] is None:
+        return n["steps"]
+    return full(tree, n["parent"])[:n["start_step"]] + n["steps"]
+
+
+# -- Stage 1 -------------------------------------------------------------------------------------
+def test_failure_reflection_builds_a_chain_and_restores_the_state_before_tau():
+    policy = Policy(lambda step, note: act("right" if note else "down"))
+    reflector = Reflector(lambda text: "<step>2</step><experience>Do not push the box down.</experience>")
+    [tree] = explore([TASK], policy, reflector, max_depth=2)
+
+    nodes = tree["nodes"]
+    assert [(n["id"], n["parent"], n["depth"], n["tau"]) for n in nodes] == [
+        (0, None, 0, None), (1, 0, 1, 2), (2, 1, 2, 2)]
+    assert [n["outcome"] for n in nodes] == ["failure"] * 3
+    assert nodes[0]["actions"] == ["down"] * 4
+    assert nodes[1]["actions"] == nodes[2]["actions"] == ["right"] * 3  # steps 2..4 of 4
+    # the deepest node may not branch: reflections only where a child was possible
+    assert [len(n["reflections"]) for n in nodes] == [1, 1, 0]
+    assert nodes[0]["reflections"][0]["trigger"] == "failure" and nodes[0]["reflections"][0]["ok"]
+
+    for child in nodes[1:]:
+        parent_full = full(tree, child["parent"])
+        tau = child["tau"]
+        assert child["start_step"] == tau - 1 and child["steps"][0]["step"] == tau - 1
+        # restored before step τ: the branch's first prompt (experience removed) is the
+        # original trajectory's prompt at τ, observation and history included
+        assert child["steps"][0]["prompt"] == parent_full[tau - 1]["prompt"]
+        assert child["replay_steps"] == len(sent(parent_full[:tau - 1])) == 1
+        # and the environment really was in that state: the branch's first observation is what
+        # a fresh replay of the prefix plus the revised action gives
+        prefix = sent(parent_full[:tau - 1])
+        assert child["steps"][0]["observation"] == replay(prefix + [child["actions"][0]])
+    # the revision changed the outcome of step τ (down pushed the box, right walks)
+    assert nodes[1]["steps"][0]["observation"] != nodes[0]["steps"][1]["observation"]
+    # the policy saw the experience in the branch prompts, with the original observation
+    seen_note = [c for c in policy.seen if NOTE in c[-1]["content"]]
+    assert len(seen_note) == 6 and "Do not push the box down." in seen_note[0][-1]["content"]
+    assert seen_note[0][-1]["content"].split("\n\n", 1)[1] == nodes[0]["steps"][1]["prompt"][-1]["content"]
+    # the reflector read the task, the initial observation and the trajectory
+    assert "Step 4: down" in reflector.prompts[0] and replay([]) in reflector.prompts[0]
+    assert tree["interactions"] == 4 + 3 + 3 and tree["replay_steps"] == 2 and tree["branches"] == 2
+
+
+def test_branches_per_node_and_the_attempt_budget_shape_the_tree():
+    policy = Policy(lambda step, note: act("right" if note else "down"))
+    reflector = Reflector(lambda text: "<step>3</step><experience>x</experience>")
+    [tree] = explore([TASK], policy, reflector, max_depth=3, branches_per_node=2, max_attempts=5)
+    nodes = tree["nodes"]
+    # breadth-first: both children of the root (wave 1) before the grandchildren (wave 2);
+    # both children failed in the same turn and were asked together; the attempt budget (5
+    # trajectories) is full after the first one's two branches, so the second gets none
+    assert [(n["parent"], n["depth"]) for n in nodes] == [(None, 0), (0, 1), (0, 1), (1, 2), (1, 2)]
+    assert len(nodes[1]["reflections"]) == len(nodes[2]["reflections"]) == 2
+    assert all(r["branch"] for r in nodes[2]["reflections"])
+    # the grandchildren may not branch (attempts exhausted): not asked at all
+    assert nodes[3]["reflections"] == nodes[4]["reflections"] == []
+    assert all(n["tau"] == 3 for n in nodes[1:])
+
+
+def test_budget_counts_policy_steps_per_task_and_replays_apart():
+    policy = Policy(lambda step, note: act("right" if note else "down"))
+    reflector = Reflector(lambda text: "<step>2</step><experience>x</experience>")
+    tasks = ["train-00000", "train-00001", "train-00005"]
+    for budget in (5, 6, 9):
+        policy.batches = []
+        trees = explore(tasks, policy, reflector, budget=budget, max_depth=4, branches_per_node=2)
+        # batched: the three first rollouts share each policy call, then the branches do
+        assert policy.batches[:4] == [3, 3, 3, 3] and max(policy.batches[4:]) > 1
+        for tree in trees:
+            env_steps = sum(len(sent(n["steps"])) for n in tree["nodes"])
+            assert tree["interactions"] == env_steps <= budget
+            # replays are not budget: one replayed action per branch that ran
+            ran = [n for n in tree["nodes"][1:] if n["outcome"] != "not_run"]
+            assert tree["replay_steps"] == len(ran)
+        assert max(t["interactions"] for t in trees) == budget  # the budget is used, not wasted
+        stopped = [n["outcome"] for t in trees for n in t["nodes"]]
+        assert "budget" in stopped
+
+
+def test_periodic_reflection_rolls_back_and_the_corrected_branch_succeeds():
+    plan = envs.make("sokoban").expert(TASK)
+    policy = Policy(lambda step, note: act(plan[step]) if note else act("jump"))
+    # branch (restart) while the attempt keeps walking into nothing, else on track
+    reflector = Reflector(lambda text: "<step>1</step><experience>Walk down first.</experience>"
+                          if "Step 1: jump" in text else "<step>none</step>")
+    [tree] = explore([TASK], policy, reflector, max_steps=8, reflect_every=2)
+    root, child = tree["nodes"]
+    assert root["outcome"] == "rolled_back" and root["actions"] == ["jump", "jump"]
+    assert root["reflections"][0]["trigger"] == "periodic" and root["reflections"][0]["at_step"] == 2
+    assert child["tau"] == 1 and child["replay_steps"] == 0 and child["outcome"] == "success"
+    assert child["actions"] == plan
+    # the child reflected periodically too (steps 2 and 4) and declined
+    assert [(r["at_step"], r["branch"], r["ok"]) for r in child["reflections"]] == [(2, False, True), (4, False, True)]
+    assert tree["success"] and not tree["root_success"]
+
+
+def test_reflection_parse_failures_are_counted_and_kept_raw():
+    policy = Policy(lambda step, note: act("down"))
+    replies = iter(["I think step two was bad", "<step>9</step><experience>x</experience>"])
+    reflector = Reflector(lambda text: next(replies))
+    [tree] = explore([TASK], policy, reflector, branches_per_node=2)
+    refl = tree["nodes"][0]["reflections"]
+    assert tree["reflection_parse_failures"] == 2 and tree["branches"] == 0
+    assert [r["raw"] for r in refl] == ["I think step two was bad", "<step>9</step><experience>x</experience>"]
+    assert "no <step>" in refl[0]["error"] and "outside 1..4" in refl[1]["error"]
+
+
+def test_ablation_no_rollback_restarts_from_the_beginning_with_the_experience():
+    policy = Policy(lambda step, note: act("right" if note else "down"))
+    reflector = Reflector(lambda text: "<step>3</step><experience>x</experience>")
+    [tree] = explore([TASK], policy, reflector, max_depth=1, rollback=False)
+    child = tree["nodes"][1]
+    assert child["tau"] == 1 and child["reflected_tau"] == 3 and child["replay_steps"] == 0
+    assert child["actions"] == ["right"] * 4 and child["in_prompt"]
+    assert child["steps"][0]["prompt"] == tree["nodes"][0]["steps"][0]["prompt"]
+
+
+def test_ablation_no_experience_resamples_at_tau_without_the_note():
+    policy = Policy(lambda step, note: act("right" if note else "down"))
+    reflector = Reflector(lambda text: "<step>2</step><experience>x</experience>")
+    [tree] = explore([TASK], policy, reflector, max_depth=1, use_experience=False)
+    child = tree["nodes"][1]
+    assert child["tau"] == 2 and child["replay_steps"] == 1 and not child["in_prompt"]
+    assert child["experience"] == "x"  # recorded, never shown
+    assert not any(NOTE in c[-1]["content"] for c in policy.seen)
+    assert child["actions"] == ["down"] * 3  # same policy, same prompt: a resample
+
+
+def test_experience_scope_step_shows_the_note_only_at_tau():
+    policy = Policy(lambda step, note: act("right" if note else "down"))
+    reflector = Reflector(lambda text: "<step>2</step><experience>x</experience>")
+    [tree] = explore([TASK], policy, reflector, max_depth=1, experience_scope="step")
+    assert tree["nodes"][1]["actions"] == ["right", "down", "down"]
+
+
+# -- Stage 2 -------------------------------------------------------------------------------------
+def successful_trees(tasks=("train-00000", "train-00002", "train-00005")):
+    """Per task: a failing root of jumps, then restarts that follow the expert (successes)."""
+    env = envs.make("sokoban")
+    plans = {t: env.expert(t) for t in tasks}
+    current = {}
+
+    class P(Policy):
+        def _generate(self, conversations, sampling, seeds):
+            return [Completion(act(plans[current["task"]][int(re.search(r"STEP=(\d+)", c[-1]["content"]).group(1))])
+                               if NOTE in c[-1]["content"] else act("jump"), i, 0, 5, 2)
+                    for i, c in enumerate(conversations)]
+
+    out = []
+    for t in tasks:  # one task per chunk: the scripted policy knows which plan to follow
+        current["task"] = t
+        reflector = Reflector(lambda text: "<step>1</step><experience>Follow the box.</experience>")
+        out += explore([t], P(None), reflector, max_steps=6, max_depth=1)
+    return out
+
+
+def test_distillation_set_holds_experience_free_histories_and_revised_actions():
+    trees = successful_trees()
+    assert all(t["success"] for t in trees)
+    examples, stats = build_dataset(trees, cfg(rehearsal_fraction=0.34), env_spec(6), seed=1)
+    cf = [e for e in examples if e["kind"] == "cf"]
+    reh = [e for e in examples if e["kind"] == "reh"]
+    assert stats["cf_examples"] == len(cf) == 3 and stats["eligible_events"] == 3
+    for e in cf:
+        tree = next(t for t in trees if t["task"] == e["task"])
+        root = tree["nodes"][0]
+        assert e["prompt"] == root["steps"][0]["prompt"]  # the ORIGINAL history before τ
+        assert not any(NOTE in m["content"] for m in e["prompt"])
+        assert e["completion"] == [{"role": "assistant", "content": act(tree["nodes"][1]["actions"][0])}]
+    # rehearsal: round(0.34 * 3) = 1 successful trajectory, every one of its steps
+    assert stats["rehearsal_trajectories"] == 1 and len({e["task"] for e in reh}) == 1
+    tree = next(t for t in trees if t["task"] == reh[0]["task"])
+    assert [e["completion"][0]["content"] for e in reh] == [act(a) for a in tree["nodes"][1]["actions"]]
+    assert all(NOTE not in m["content"] for e in reh for m in e["prompt"])
+
+    # seeded: the same seed picks the same rehearsal trajectory; some seed picks another
+    again, _ = build_dataset(trees, cfg(rehearsal_fraction=0.34), env_spec(6), seed=1)
+    assert again == examples
+    picks = {build_dataset(trees, cfg(rehearsal_fraction=0.34), env_spec(6), seed=s)[0][-1]["task"]
+             for s in range(8)}
+    assert len(picks) > 1
+
+
+def test_distillation_options_and_ablations():
+    trees = successful_trees(("train-00000",))
+    base, stats = build_dataset(trees, cfg(rehearsal_fraction=1.0), env_spec(6), seed=0)
+    n_reh = stats["reh_unique"]
+    assert n_reh == 5 and stats["cf_examples"] == 1
+    # β by duplication
+    _, s2 = build_dataset(trees, cfg(rehearsal_fraction=1.0, beta=2.0), env_spec(6), seed=0)
+    assert s2["reh_examples"] == 2 * n_reh
+    _, s0 = build_dataset(trees, cfg(rehearsal_fraction=1.0, beta=0.0), env_spec(6), seed=0)
+    assert s0["reh_examples"] == 0
+    # no L_cf: rehearsal only
+    only_reh, s3 = build_dataset(trees, cfg(rehearsal_fraction=1.0, counterfactual=False), env_spec(6), seed=0)
+    assert s3["cf_examples"] == 0 and {e["kind"] for e in only_reh} == {"reh"}
+    # target: the action rendered by the env's action template instead of the raw reply
+    tree = trees[0]
+    tree["nodes"][1]["steps"][0]["completion"] = "let me think " + act("down")
+    raw, _ = build_dataset(trees, cfg(rehearsal_fraction=0.0), env_spec(6), seed=0)
+    canon, _ = build_dataset(trees, cfg(rehearsal_fraction=0.0, target="action"), env_spec(6), seed=0)
+    assert raw[0]["completion"][0]["content"] == "let me think " + act("down")
+    assert canon[0]["completion"][0]["content"] == act("down")
+
+
+def test_only_successful_subtrees_are_distilled_by_default_and_cf_events_are_sampled():
+    policy = Policy(lambda step, note: act("right" if note else "down"))
+    reflector = Reflector(lambda text: "<step>2</step><experience>x</experience>")
+    [tree] = explore([TASK], policy, reflector, max_depth=1, branches_per_node=3)
+    _, stats = build_dataset([tree], cfg(), env_spec(), seed=0)
+    assert stats["branch_events"] == 3 and stats["eligible_events"] == 0 and stats["cf_examples"] == 0
+    ex, stats = build_dataset([tree], cfg(only_successful=False, cf_per_task=2), env_spec(), seed=0)
+    assert stats["eligible_events"] == 3 and len(ex) == 2
+    picks = {tuple(e["node"] for e in build_dataset([tree], cfg(only_successful=False, cf_per_task=2),
+                                                    env_spec(), seed=s)[0]) for s in range(10)}
+    assert len(picks) > 1
+
+
+def test_config_rejects_an_empty_loss_and_bad_templates():
+    with pytest.raises(ValueError, match="nothing to train"):
+        cfg(counterfactual=False, rehearsal_fraction=0)
+    with pytest.raises(ValueError, match="template error"):
+        cfg(reflection={"user": "{% for %}"})
+
+
+def test_the_preset_carries_the_paper_settings(tmp_path):
+    from leafe.spec import load_spec
+
+    f = tmp_path / "s.yaml"
+    f.write_text("leafe: 1\nname: p\nenv: {use: sokoban}\nmodels: {policy: {name: x}}\n"
+                 "methods:\n  base: {}\n  paper: {use: leafe, init: base, beta: 0.5}\n")
+    loaded = load_spec(f)
+    c = loaded.methods["paper"]
+    assert loaded.method_types["paper"] == "leafe"
+    assert (c.cf_per_task, c.rehearsal_fraction, c.train.lr, c.train.batch_size * c.train.grad_accum) == (3, 0.2, 1e-6, 128)
+    assert c.beta == 0.5 and c.init == "base"
+
+
+# -- end to end ----------------------------------------------------------------------------------
+SPEC = """\
+leafe: 1
+name: leafe-e2e
+seed: 11
+env: {use: sokoban, max_steps: 3, train_tasks: 4, test_tasks: 2, action: {on_parse_failure: passthrough}}
+models:
+  policy: {name: "leafe:tiny-qwen2", max_tokens: 6, batch_size: 16, temperature: 1.0}
+budget: {interactions_per_task: 8}
+methods:
+  sft: {train: {epochs: 1, lr: 0.001, batch_size: 4}}
+  leafe:
+    init: sft
+    reflect_every: null
+    max_depth: 2
+    max_attempts: 3
+    batch_tasks: 2
+    only_successful: false
+    train: {epochs: 1, lr: 0.001, batch_size: 4, grad_accum: 1}
+eval: {samples: 2, k: [1, 2], batch_size: 4}
+report: {formats: [json]}
+"""
+
+
+@pytest.fixture
+def scripted_reflector(monkeypatch):
+    """The tiny random model never writes a usable reflection: stand a scripted one in for the
+    reflector role (the policy stays the tiny model)."""
+    from leafe.stage import StageContext
+
+    original = StageContext.load_models
+
+    def load_models(self, roles=("policy",), checkpoint=None):
+        loaded = original(self, roles, checkpoint)
+        if "reflector" in loaded:
+            loaded["reflector"] = Reflector(lambda text: "<step>2</step><experience>Try another move.</experience>")
+        return loaded
+
+    monkeypatch.setattr(StageContext, "load_models", load_models)
+
+
+def _run(tmp_path: Path, runs: str):
+    from leafe.runner import run
+    from leafe.spec import load_spec
+
+    f = tmp_path / "leafe-e2e.yaml"
+    f.write_text(SPEC)
+    loaded = load_spec(f)
+    out = io.StringIO()
+    run(loaded, tmp_path / runs, tmp_path / f"reports-{runs}", Console(file=out, width=150))
+    return loaded, out.getvalue()
+
+
+def _trees(d: Path) -> list[dict]:
+    return [json.loads(line) for line in (d / "trees.jsonl").read_text().splitlines()]
+
+
+def test_end_to_end_explore_distill_evaluate_and_resume(tmp_path, leafe_cache, scripted_reflector, monkeypatch):
+    from leafe.plan import build_plan
+
+    loaded, out = _run(tmp_path, "ref")
+    plan = build_plan(loaded, tmp_path / "ref")
+    assert [s.id for s in plan.stages if s.method == "leafe"] == ["leafe.explore", "leafe.distill", "eval.leafe"]
+    # both stages start from the `init:` checkpoint (exploration runs it, distillation trains it)
+    sft_ck = (plan.dir(plan.stage("sft.train")) / "checkpoint").resolve()
+    explore_models = json.loads((plan.dir(plan.stage("leafe.explore")) / "model.json").read_text())
+    assert Path(explore_models["policy"]["path"]).resolve() == sft_ck
+    assert explore_models["reflector"] == {"same_as": "policy"}
+    distill_models = json.loads((plan.dir(plan.stage("leafe.distill")) / "model.json").read_text())
+    assert Path(distill_models["initial"]["path"]).resolve() == sft_ck
+    explore_dir = plan.dir(plan.stage("leafe.explore"))
+    trees = _trees(explore_dir)
+    assert sorted(t["task"] for t in trees) == [f"train-{i:05d}" for i in range(4)]
+    for t in trees:  # root (3 steps), branch at τ=2 (2 steps), its branch at τ=2 (2 steps)
+        assert [(n["parent"], n["tau"]) for n in t["nodes"]] == [(None, None), (0, 2), (1, 2)]
+        assert t["interactions"] <= 8 and t["replay_steps"] == 2
+    m = json.loads((explore_dir / "metrics.json").read_text())
+    assert m["interactions"] == sum(t["interactions"] for t in trees) and m["branches"] == 8
+    usage = json.loads((explore_dir / "usage.json").read_text())
+    assert usage["reflector"]["samples"] == 8 and usage["policy"]["samples"] == 4 * 7
+
+    distill_dir = plan.dir(plan.stage("leafe.distill"))
+    dm = json.loads((distill_dir / "metrics.json").read_text())
+    assert dm["cf_examples"] == 8 and dm["reh_examples"] == 0 and dm["steps"] == 2
+    ck = distill_dir / "checkpoint"
+    assert (ck / "config.json").exists()
+    model_info = json.loads((plan.dir(plan.stage("eval.leafe")) / "model.json").read_text())
+    assert Path(model_info["policy"]["path"]).resolve() == ck.resolve()
+    report = json.loads((tmp_path / "reports-ref" / "leafe-e2e.json").read_text())
+    row = next(r for r in report["rows"] if r["method"] == "leafe")
+    assert row["train_interactions"] == m["interactions"]
+
+    # interrupted after the first tree is written, then resumed: same trees, none lost or doubled
+    from leafe.store import RecordLog
+
+    append = RecordLog.append
+
+    def crash_after_first_tree(self, records):
+        append(self, records)
+        if self.path.name == "trees.jsonl":
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(RecordLog, "append", crash_after_first_tree)
+    with pytest.raises(RuntimeError, match="killed"):
+        _run(tmp_path, "runs")
+    monkeypatch.setattr(RecordLog, "append", append)
+    partial_dir = build_plan(loaded, tmp_path / "runs").dir(plan.stage("leafe.explore"))
+    assert len(_trees(partial_dir)) == 1 and not (partial_dir / "DONE").exists()
+    _, out2 = _run(tmp_path, "runs")
+    assert "resuming leafe.explore" in out2
+    got = _trees(partial_dir)
+    assert len(got) == 4 and sorted(got, key=lambda t: t["task"]) == sorted(trees, key=lambda t: t["task"])
