@@ -1,5 +1,5 @@
 """The `leafe` command line. Heavy packages are imported only by the commands that need them:
-`--help`, `validate`, `plan` and `envs` never import torch, transformers or litellm."""
+`--help`, `validate`, `plan`, `envs` and `show` never import torch, transformers or litellm."""
 
 from __future__ import annotations
 
@@ -137,6 +137,39 @@ def envs() -> None:
 
     for name in registry.names():
         console.print(name)
+
+
+show_app = typer.Typer(help="Inspect a run's artifacts.", no_args_is_help=True)
+app.add_typer(show_app, name="show")
+
+
+@show_app.command("tree")
+def show_tree(
+    run: Path = typer.Argument(..., help="A run directory (runs/<name>) or its spec file."),
+    task: Optional[str] = typer.Argument(None, help="A train task id (see --list)."),
+    method: Optional[str] = typer.Option(None, "--method", help="The LEAFE method, when the run has several."),
+    list_tasks: bool = typer.Option(False, "--list", help="List the tasks with their tree size and outcome."),
+    full: bool = typer.Option(False, "--full", help="Untrimmed experiences, every action and raw reflection."),
+    sets: Optional[List[str]] = SetOpt,
+    runs_dir: Path = RunsOpt,
+) -> None:
+    """Draw a LEAFE exploration tree: each branch's τ, experience, actions and outcome, and which
+    branches fixed the task."""
+    from leafe import treeview
+
+    try:
+        stage = treeview.locate(run, method, sets=sets, runs_dir=runs_dir)
+        trees = treeview.read_trees(stage.dir)
+        if list_tasks:
+            console.print(treeview.task_table(trees, stage))
+            return
+        if task is None:
+            raise UserError(f"give a TASK (one of {', '.join(list(trees)[:3])}, ...) or --list")
+        tree = treeview.task_or_error(trees, task, stage)
+    except UserError as e:
+        _fail(e)
+    console.print(f"[dim]{stage.method}.explore → {stage.dir}{'' if stage.done else ' (not finished)'}[/dim]")
+    console.print(treeview.render_tree(tree, full=full))
 
 
 def main() -> None:

@@ -68,6 +68,16 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _config_slice(cfg, fields: tuple[str, ...] | None) -> dict:
+    """The part of a method config a stage depends on (all of it when `fields` is None)."""
+    if fields is None:
+        return cfg.model_dump(mode="json")
+    unknown = set(fields) - set(type(cfg).model_fields)
+    if unknown:  # a method's own mistake: a misspelt field would silently leave the key
+        raise ValueError(f"{type(cfg).__name__} has no field(s) {sorted(unknown)} named in a stage's config_fields")
+    return cfg.model_dump(mode="json", include={"method", "init", *fields})
+
+
 def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
     from leafe import methods as registry
 
@@ -88,7 +98,7 @@ def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
                 inputs={**common, "budget": spec.budget.model_dump(mode="json"),
                         **{f"role:{r}": spec.role(r).model_dump(mode="json", exclude=MODEL_EXECUTION_ONLY)
                            for r in sd.roles},
-                        "method": cfg.model_dump(mode="json"), "stage": sd.inputs},
+                        "method": _config_slice(cfg, sd.config_fields), "stage": sd.inputs},
                 version=sd.version, run=sd.run, produces_checkpoint=sd.produces_checkpoint,
             ))
         for a, b in zip(stages, stages[1:]):

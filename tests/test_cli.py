@@ -1,5 +1,6 @@
 """The CLI: exit codes, messages without tracebacks, no heavy imports for light commands."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -17,6 +18,28 @@ methods:
   base: {}
 eval: {samples: 2, k: [1, 2]}
 """
+
+
+def _node(nid, parent, depth, actions, outcome, **kw):
+    """A tree node as `leafe.methods.leafe.explore.Node.record` writes it."""
+    return {"id": nid, "parent": parent, "depth": depth, "tau": kw.get("tau"),
+            "reflected_tau": kw.get("tau"), "experience": kw.get("experience"),
+            "in_prompt": kw.get("experience") is not None, "trigger": kw.get("trigger"),
+            "start_step": (kw.get("tau") or 1) - 1, "actions": actions,
+            "steps": [{"step": (kw.get("tau") or 1) - 1 + i, "action": a} for i, a in enumerate(actions)],
+            "outcome": outcome, "replay_steps": (kw.get("tau") or 1) - 1, "reflections": kw.get("reflections", [])}
+
+
+#: One task's exploration tree in the explore stage's format: a failed root, a branch at τ=2
+#: that succeeds.
+TREE = {"task": "train-00000", "initial_observation": "start", "interactions": 6, "replay_steps": 1,
+        "reflections": 1, "reflection_parse_failures": 0, "branches": 1, "success": True, "root_success": False,
+        "nodes": [
+            _node(0, None, 0, ["down", "down", "down"], "failure", reflections=[
+                {"at_step": 3, "trigger": "failure", "raw": "<step>2</step><experience>Go right.</experience>",
+                 "ok": True, "branch": True, "step": 2, "experience": "Go right.", "error": None}]),
+            _node(1, 0, 1, ["right", "down", "left"], "success", tau=2, trigger="failure",
+                  experience="Go right instead of pushing the box down.")]}
 
 
 def leafe(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -61,12 +84,16 @@ def test_missing_spec_file_exits_2(tmp_path):
 def test_light_commands_import_no_heavy_packages(tmp_path):
     f = tmp_path / "ok.yaml"
     f.write_text(SPEC)
+    run = tmp_path / "runs" / "cli-t"
+    (run / "leafe.explore-0123456789ab").mkdir(parents=True)
+    (run / "leafe.explore-0123456789ab" / "trees.jsonl").write_text(json.dumps(TREE) + "\n")
     code = textwrap.dedent(f"""
         import sys
         from typer.testing import CliRunner
         from leafe.cli import app
         r = CliRunner()
-        for args in (["--help"], ["validate", {str(f)!r}], ["plan", {str(f)!r}, "--runs-dir", {str(tmp_path)!r}], ["envs"]):
+        for args in (["--help"], ["validate", {str(f)!r}], ["plan", {str(f)!r}, "--runs-dir", {str(tmp_path)!r}], ["envs"],
+                     ["show", "tree", {str(run)!r}, "--list"], ["show", "tree", {str(run)!r}, "train-00000"]):
             res = r.invoke(app, args)
             assert res.exit_code == 0, (args, res.output)
         heavy = [m for m in ("torch", "transformers", "trl", "litellm", "vllm", "gym_sokoban") if m in sys.modules]
@@ -97,3 +124,18 @@ def test_missing_model_fails_before_any_work(tmp_path):
     assert "no-such-model" in r.stderr and "Traceback" not in r.stderr
     stage_dirs = [p for p in (tmp_path / "runs" / "cli-t").glob("*") if p.is_dir()]
     assert stage_dirs == []
+
+
+def test_show_tree_draws_a_tree_and_rejects_unknown_runs_and_tasks(tmp_path):
+    run = tmp_path / "runs" / "cli-t"
+    (run / "leafe.explore-0123456789ab").mkdir(parents=True)
+    (run / "leafe.explore-0123456789ab" / "trees.jsonl").write_text(json.dumps(TREE) + "\n")
+    r = leafe("show", "tree", str(run), "train-00000")
+    assert r.returncode == 0, r.stderr
+    assert "Go right instead of pushing the box down." in r.stdout and "τ=2" in r.stdout
+    assert "failure" in r.stdout and "★ fixed the task" in r.stdout and "right → down → left" in r.stdout
+    r = leafe("show", "tree", str(run), "train-00042")
+    assert r.returncode == 2 and "no tree for task 'train-00042'" in r.stderr and "train-00000" in r.stderr
+    r = leafe("show", "tree", str(tmp_path / "nope"), "train-00000")
+    assert r.returncode == 2 and "no such run directory or spec file" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -87,3 +87,45 @@ def test_policy_spec_for_a_checkpoint_drops_the_adapter(tmp_path):
     assert ctx.policy_spec(None).adapter == "/some/lora"
     ck = ctx.policy_spec(tmp_path / "checkpoint")
     assert (ck.name, ck.adapter, ck.revision) == (str(tmp_path / "checkpoint"), None, None)
+
+
+LEAFE_SPEC = SPEC.replace("  sft: {train: {epochs: 1}}\n", "  sft: {train: {epochs: 1}}\n  leafe: {init: sft, beta: 1.0}\n")
+
+
+def test_a_stage_is_keyed_by_its_own_config_fields(tmp_path):
+    """LEAFE's explore stage depends on the exploration fields, its distill stage on the
+    training fields (and on the explore stage's key): changing β re-runs distillation only."""
+    h0 = hashes(plan_of(tmp_path, LEAFE_SPEC))
+    h_beta = hashes(plan_of(tmp_path, LEAFE_SPEC, ["methods.leafe.beta=0.5"]))
+    assert h_beta["leafe.explore"] == h0["leafe.explore"]
+    assert h_beta["leafe.distill"] != h0["leafe.distill"] and h_beta["eval.leafe"] != h0["eval.leafe"]
+    h_lr = hashes(plan_of(tmp_path, LEAFE_SPEC, ["methods.leafe.train.lr=0.5"]))
+    assert h_lr["leafe.explore"] == h0["leafe.explore"] and h_lr["leafe.distill"] != h0["leafe.distill"]
+    # an exploration field re-runs both (distill through its dependency on explore)
+    h_depth = hashes(plan_of(tmp_path, LEAFE_SPEC, ["methods.leafe.max_depth=2"]))
+    assert h_depth["leafe.explore"] != h0["leafe.explore"] and h_depth["leafe.distill"] != h0["leafe.distill"]
+    # execution only: the unit of batching and resumption
+    h_batch = hashes(plan_of(tmp_path, LEAFE_SPEC, ["methods.leafe.batch_tasks=2"]))
+    assert h_batch == h0
+    # `init` counts for every stage
+    h_init = hashes(plan_of(tmp_path, LEAFE_SPEC.replace("init: sft", "init: base")))
+    assert h_init["leafe.explore"] != h0["leafe.explore"]
+    # the other methods' stages are untouched
+    assert h_beta["sft.train"] == h_depth["sft.train"] == h0["sft.train"]
+
+
+def test_every_leafe_field_belongs_to_a_stage_key():
+    """A new LeafeConfig field must be listed for the stage that uses it (or be execution only),
+    else changing it would silently reuse results computed without it."""
+    from leafe.methods.leafe import DISTILL_FIELDS, EXPLORE_FIELDS, LeafeConfig
+
+    assert set(LeafeConfig.model_fields) == {*EXPLORE_FIELDS, *DISTILL_FIELDS, "method", "init", "batch_tasks"}
+
+
+def test_config_fields_must_name_real_fields(tmp_path, monkeypatch):
+    from leafe.methods.api import StageDef
+    from leafe.methods.sft import SFTMethod
+
+    monkeypatch.setattr(SFTMethod, "stages", lambda self, i, c, s: [StageDef("train", run=None, config_fields=("tran",))])
+    with pytest.raises(ValueError, match="tran"):
+        plan_of(tmp_path)

@@ -43,6 +43,11 @@ class StageDef:
     roles: tuple[str, ...] = ()
     """Model roles besides the policy that the stage calls (`reflector`, `teacher`): their
     specs join the stage key, so changing an unused role re-runs nothing."""
+    config_fields: tuple[str, ...] | None = None
+    """The method config fields the stage's result depends on (hashed into its key); None: the
+    whole config. `method` and `init` always count. A later stage also depends on its
+    upstream stages' keys, so it need not repeat their fields: e.g. a distillation stage lists
+    its training fields only, and changing them leaves the exploration before it cached."""
 
 
 class Method:

@@ -112,9 +112,76 @@ def collect_demonstrations(ctx, budget: int) -> tuple[list[dict], dict]:
     return examples, stats
 
 
+def _weighted_sft_trainer():
+    """TRL's SFTTrainer with a per-example loss weight (a `weight` column).
+
+    Each completion token's loss is multiplied by its example's weight; the normaliser stays
+    TRL's own, the number of completion tokens in the optimizer step's (accumulated) batch N.
+    So a step's loss is (Σ_i w_i Σ_t ℓ_it) / N: with weight 1 on counterfactual and β on
+    rehearsal examples it is exactly L_cf + β·L_reh, both token sums over the same N (β = 1 is
+    plain SFT on the union), and with every weight 1 it is TRL's loss unchanged."""
+    from trl import SFTTrainer
+
+    class _WeightedForward:
+        # TRL computes the loss as -Σ log_probs / N from the fused LM head's per-token
+        # log-probs (zero off the completion), so weighting them weights the token losses
+        def __init__(self, model, weight):
+            self.model, self.weight, self.used = model, weight, False
+
+        def __call__(self, *args, **kwargs):
+            out = self.model(*args, **kwargs)
+            if kwargs.get("fused_lm_head"):
+                out.log_probs = out.log_probs * self.weight.to(out.log_probs.dtype)[:, None]
+                self.used = True
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+    class _CollateWithWeights:
+        def __init__(self, collate):
+            self.collate = collate
+
+        def __call__(self, examples):
+            import torch
+
+            batch = self.collate([{k: v for k, v in e.items() if k != "weight"} for e in examples])
+            batch["weight"] = torch.tensor([float(e["weight"]) for e in examples])
+            return batch
+
+    class WeightedSFTTrainer(SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if self.args.loss_type != "nll" or self.padding_free or self.args.packing:
+                raise ValueError("per-example weights need loss_type nll without packing or padding-free batches")
+            self.data_collator = _CollateWithWeights(self.data_collator)
+
+        def _set_signature_columns_if_needed(self):
+            super()._set_signature_columns_if_needed()
+            if "weight" not in self._signature_columns:  # else `remove_unused_columns` drops it
+                self._signature_columns = [*self._signature_columns, "weight"]
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            weighted = _WeightedForward(model, inputs.pop("weight"))
+            out = super().compute_loss(weighted, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+            if not weighted.used:
+                raise RuntimeError("this TRL version's SFTTrainer no longer computes the loss from the fused "
+                                   "LM head's log-probs: per-example weights cannot be applied")
+            return out
+
+    return WeightedSFTTrainer
+
+
 def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     """Fine-tune the stage's starting policy on prompt-completion `examples`; write
-    `checkpoint/` (a plain model directory) and return training statistics."""
+    `checkpoint/` (a plain model directory) and return training statistics.
+
+    An example may carry a loss `weight` (default 1; see `_weighted_sft_trainer` for the exact
+    loss). Examples of weight 0 are left out (they would add no gradient); with every weight 1
+    training is plain TRL SFT."""
+    import math
+
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -158,9 +225,18 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
         data_seed=seed, bf16=dtype == torch.bfloat16, use_cpu=not cuda,
         dataloader_num_workers=0, disable_tqdm=True,
     )
-    dataset = Dataset.from_list([{"prompt": e["prompt"], "completion": e["completion"]} for e in examples])
-    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config)
+    weights = [float(e.get("weight", 1.0)) for e in examples]
+    if any(not math.isfinite(w) or w < 0 for w in weights):
+        raise ValueError("example weights must be finite and >= 0")
+    weighted = any(w != 1.0 for w in weights)
+    rows = [{"prompt": e["prompt"], "completion": e["completion"], **({"weight": w} if weighted else {})}
+            for e, w in zip(examples, weights) if w > 0]
+    if not rows:
+        raise ValueError("every example has weight 0: nothing to train on")
+    dataset = Dataset.from_list(rows)
+    trainer_cls = _weighted_sft_trainer() if weighted else SFTTrainer
+    trainer = trainer_cls(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                          peft_config=peft_config)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
     from leafe.progress import training_callback
@@ -184,7 +260,7 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     atomic_write_json(ctx.dir / "train_log.json", trainer.state.log_history)
     return {"train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "steps": trainer.state.global_step,
-            "examples": len(examples), "resumed": resume}
+            "examples": len(rows), "resumed": resume}
 
 
 def run_sft_stage(ctx) -> None:

@@ -277,13 +277,15 @@ def test_distillation_set_holds_experience_free_histories_and_revised_actions():
 def test_distillation_options_and_ablations():
     trees = successful_trees(("train-00000",))
     base, stats = build_dataset(trees, cfg(rehearsal_fraction=1.0), env_spec(6), seed=0)
-    n_reh = stats["reh_unique"]
-    assert n_reh == 5 and stats["cf_examples"] == 1
-    # β by duplication
-    _, s2 = build_dataset(trees, cfg(rehearsal_fraction=1.0, beta=2.0), env_spec(6), seed=0)
-    assert s2["reh_examples"] == 2 * n_reh
+    assert stats["reh_examples"] == 5 and stats["cf_examples"] == 1
+    assert [e["weight"] for e in base] == [1.0] * 6
+    # β is the rehearsal examples' loss weight (train_sft applies it); β = 0 leaves them out
+    ex2, s2 = build_dataset(trees, cfg(rehearsal_fraction=1.0, beta=2.5), env_spec(6), seed=0)
+    assert s2["reh_examples"] == 5 and [e["weight"] for e in ex2] == [1.0] + [2.5] * 5
+    assert [{k: v for k, v in e.items() if k != "weight"} for e in ex2] == \
+        [{k: v for k, v in e.items() if k != "weight"} for e in base]
     _, s0 = build_dataset(trees, cfg(rehearsal_fraction=1.0, beta=0.0), env_spec(6), seed=0)
-    assert s0["reh_examples"] == 0
+    assert s0["reh_examples"] == 0 and s0["cf_examples"] == 1
     # no L_cf: rehearsal only
     only_reh, s3 = build_dataset(trees, cfg(rehearsal_fraction=1.0, counterfactual=False), env_spec(6), seed=0)
     assert s3["cf_examples"] == 0 and {e["kind"] for e in only_reh} == {"reh"}
@@ -312,6 +314,8 @@ def test_only_successful_subtrees_are_distilled_by_default_and_cf_events_are_sam
 def test_config_rejects_an_empty_loss_and_bad_templates():
     with pytest.raises(ValueError, match="nothing to train"):
         cfg(counterfactual=False, rehearsal_fraction=0)
+    with pytest.raises(ValueError, match="nothing to train"):
+        cfg(counterfactual=False, beta=0)
     with pytest.raises(ValueError, match="template error"):
         cfg(reflection={"user": "{% for %}"})
 
@@ -386,6 +390,7 @@ def _trees(d: Path) -> list[dict]:
     return [json.loads(line) for line in (d / "trees.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow  # about 60-100 s: SFT, exploration, distillation, two evaluations, a resumed run
 def test_end_to_end_explore_distill_evaluate_and_resume(tmp_path, leafe_cache, scripted_reflector, monkeypatch):
     from leafe.plan import build_plan
 
@@ -407,6 +412,11 @@ def test_end_to_end_explore_distill_evaluate_and_resume(tmp_path, leafe_cache, s
         assert t["interactions"] <= 8 and t["replay_steps"] == 2
     m = json.loads((explore_dir / "metrics.json").read_text())
     assert m["interactions"] == sum(t["interactions"] for t in trees) and m["branches"] == 8
+    # `leafe show tree` on the spec file finds this run's explore stage by its key
+    r = _show(tmp_path / "leafe-e2e.yaml", "train-00001", "--runs-dir", tmp_path / "ref")
+    assert r.exit_code == 0, r.output
+    assert str(explore_dir) in r.output.replace("\n", "") and "Try another move." in r.output
+    assert r.output.count("τ=2") >= 4 and "#2" in r.output
     usage = json.loads((explore_dir / "usage.json").read_text())
     assert usage["reflector"]["samples"] == 8 and usage["policy"]["samples"] == 4 * 7
 
@@ -441,3 +451,244 @@ def test_end_to_end_explore_distill_evaluate_and_resume(tmp_path, leafe_cache, s
     assert "resuming leafe.explore" in out2
     got = _trees(partial_dir)
     assert len(got) == 4 and sorted(got, key=lambda t: t["task"]) == sorted(trees, key=lambda t: t["task"])
+
+
+# -- leafe show tree -----------------------------------------------------------------------------
+def _write_run(root: Path, trees_by_method: dict[str, list[dict]]) -> Path:
+    """A run directory as `leafe run` lays it out: `<method>.explore-<hash>/trees.jsonl`."""
+    run = root / "runs" / "show-t"
+    for i, (method, trees) in enumerate(trees_by_method.items()):
+        d = run / f"{method}.explore-{i:012d}"
+        d.mkdir(parents=True)
+        (d / "trees.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trees))
+    return run
+
+
+def _show(*args: str):
+    from typer.testing import CliRunner
+
+    from leafe.cli import app
+
+    return CliRunner().invoke(app, ["show", "tree", *map(str, args)])
+
+
+def test_show_tree_draws_branches_experiences_and_the_fix(tmp_path):
+    chain = explore([TASK], Policy(lambda step, note: act("right" if note else "down")),
+                    Reflector(lambda text: "<step>2</step><experience>Do not push the box down.</experience>"),
+                    max_depth=2)
+    fixed = successful_trees(("train-00002",))
+    restart = explore(["train-00001"], Policy(lambda step, note: act("right" if note else "down")),
+                      Reflector(lambda text: "<step>3</step><experience>Start over.</experience>"),
+                      max_depth=1, rollback=False)
+    run = _write_run(tmp_path, {"leafe": chain + fixed + restart})
+
+    r = _show(run, TASK)
+    assert r.exit_code == 0, r.output
+    out = r.output
+    assert "Do not push the box down." in out and "#1" in out and "#2" in out
+    assert "τ=2" in out and "after failure" in out and "replayed 1" in out
+    assert "down → down → down → down" in out and "right → right → right" in out  # own actions only
+    assert out.count("failure") >= 4 and "fixed the task" not in out  # nothing fixed here
+    assert "at step 4 (failure): τ=2 → #1" in out
+
+    r = _show(run, "train-00002")
+    assert r.exit_code == 0, r.output
+    fix_line = next(line for line in r.output.splitlines() if "#1" in line and "depth 1" in line)
+    assert "success" in fix_line and "★ fixed the task" in fix_line and "τ=1" in fix_line
+    assert "Follow the box." in r.output and "tree success" in r.output
+
+    r = _show(run, "train-00001")  # rollback: false restarts at 1; the reflector named 3
+    assert "τ=1 (reflector's τ=3)" in r.output and "replayed 0" in r.output
+
+    r = _show(run, "--list")
+    assert r.exit_code == 0, r.output
+    rows = {line.split()[1]: line for line in r.output.splitlines() if "train-0000" in line}
+    assert set(rows) == {TASK, "train-00001", "train-00002"}
+    assert "#1" in rows["train-00002"] and "success" in rows["train-00002"]
+    assert rows[TASK].split("│")[2].strip() == "3"  # nodes
+
+    # a long experience is trimmed unless --full
+    long = json.loads(json.dumps(chain[0]))
+    long["task"], long["nodes"][1]["experience"] = "long", "word " * 100
+    run2 = _write_run(tmp_path / "b", {"leafe": [long]})
+    trimmed, full_out = _show(run2, "long").output, _show(run2, "long", "--full").output
+    assert "…" in trimmed and trimmed.count("word") < 40 and full_out.count("word") == 100
+
+
+def test_show_tree_errors_exit_2_with_what_to_do(tmp_path):
+    tree = successful_trees(("train-00002",))
+    run = _write_run(tmp_path, {"leafe": tree, "leafe_b": tree})
+    r = _show(run, "train-00002")
+    assert r.exit_code == 2 and "several LEAFE methods (leafe, leafe_b)" in r.output and "--method" in r.output
+    assert _show(run, "train-00002", "--method", "leafe_b").exit_code == 0
+    r = _show(run, "train-00002", "--method", "nope")
+    assert r.exit_code == 2 and "no LEAFE method 'nope'" in r.output
+    r = _show(run, "train-99999", "--method", "leafe")
+    assert r.exit_code == 2 and "no tree for task 'train-99999'" in r.output and "train-00002" in r.output
+    # two keys of one method (an exploration field changed): the manifest's current one is shown
+    other = successful_trees(("train-00005",))
+    stale = run / "leafe.explore-ffffffffffff"
+    stale.mkdir()
+    (stale / "trees.jsonl").write_text(json.dumps(other[0]) + "\n")
+    current = run / "leafe_b.explore-000000000001"
+    (run / "manifest.json").write_text(json.dumps({"stages": [
+        {"id": "leafe.explore", "dir": "leafe.explore-000000000000"},
+        {"id": "leafe_b.explore", "dir": current.name}]}))
+    r = _show(run, "--list", "--method", "leafe")
+    assert "train-00002" in r.output and "train-00005" not in r.output
+    (run / "manifest.json").unlink()  # no manifest: the most recently written
+    r = _show(run, "--list", "--method", "leafe")
+    assert "train-00005" in r.output and "train-00002" not in r.output
+    r = _show(tmp_path / "missing", "t")
+    assert r.exit_code == 2 and "no such run directory or spec file" in r.output
+    (tmp_path / "empty").mkdir()
+    r = _show(tmp_path / "empty", "t")
+    assert r.exit_code == 2 and "no LEAFE exploration trees" in r.output
+    assert "Traceback" not in r.output
+
+
+ALFWORLD_SPEC = """\
+leafe: 1
+name: leafe-alfworld
+seed: 5
+env: {use: alfworld-generated, max_steps: 3, train_tasks: 2, test_tasks: 1, action: {on_parse_failure: passthrough}}
+models:
+  policy: {name: "leafe:tiny-qwen2", max_tokens: 6, batch_size: 8, temperature: 1.0}
+budget: {interactions_per_task: 8}
+methods:
+  base: {}
+  leafe:
+    reflect_every: null
+    max_depth: 1
+    batch_tasks: 1
+    only_successful: false
+    train: {epochs: 1, lr: 0.001, batch_size: 4, grad_accum: 1, max_length: 1024}
+eval: {samples: 2, k: [1, 2], batch_size: 2}
+report: {formats: [json]}
+"""
+
+
+@pytest.mark.slow  # about 30-40 s: ALFWorld games are generated, played and replayed
+def test_end_to_end_on_generated_alfworld(tmp_path, leafe_cache, scripted_reflector):
+    """explore → distill → evaluate on ALFWorld games made by the generator: branches restore
+    the state before τ by replay (the environment has no copy), and the run is reported."""
+    from leafe.plan import build_plan
+    from leafe.runner import run
+    from leafe.spec import load_spec
+
+    f = tmp_path / "leafe-alfworld.yaml"
+    f.write_text(ALFWORLD_SPEC)
+    loaded = load_spec(f)
+    run(loaded, tmp_path / "runs", tmp_path / "reports", Console(file=io.StringIO(), width=150))
+    plan = build_plan(loaded, tmp_path / "runs")
+    assert all(plan.status(s) == "done" for s in plan.stages if s.kind != "report")
+
+    explore_dir = plan.dir(plan.stage("leafe.explore"))
+    trees = _trees(explore_dir)
+    env = envs.make("alfworld", **loaded.env_options.model_dump())
+    assert sorted(t["task"] for t in trees) == sorted(env.tasks("train")[:2])
+    for t in trees:
+        root, child = t["nodes"]
+        assert root["outcome"] == "failure" and len(root["steps"]) == 3
+        assert (child["parent"], child["tau"], child["replay_steps"]) == (0, 2, 1)
+        # restored by replay to the state before step 2: the branch's first prompt is the root's
+        # prompt at step 2, the admissible commands of the restored game included
+        first = child["steps"][0]["prompt"]
+        assert first == root["steps"][1]["prompt"] and "Actions: " in first[-1]["content"]
+        assert t["interactions"] == 3 + 2 and child["experience"] == "Try another move."
+    env.close()
+
+    dm = json.loads((plan.dir(plan.stage("leafe.distill")) / "metrics.json").read_text())
+    assert dm["cf_examples"] == 2 and dm["steps"] == 1
+    report = json.loads((tmp_path / "reports" / "leafe-alfworld.json").read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"base", "leafe"} and rows["leafe"]["train_interactions"] == 2 * 5
+    model_info = json.loads((plan.dir(plan.stage("eval.leafe")) / "model.json").read_text())
+    assert Path(model_info["policy"]["path"]).resolve() == (plan.dir(plan.stage("leafe.distill")) / "checkpoint").resolve()
+    r = _show(f, trees[0]["task"], "--runs-dir", tmp_path / "runs")
+    assert r.exit_code == 0 and "Try another move." in r.output and "replayed 1" in r.output
+
+
+KILL_SPEC = """\
+leafe: 1
+name: leafe-kill
+seed: 13
+env: {{use: sokoban, max_steps: 3, train_tasks: 6, test_tasks: 1, action: {{on_parse_failure: passthrough}}}}
+models:
+  policy: {{name: "leafe:tiny-qwen2", max_tokens: 6, batch_size: 16, temperature: 1.0}}
+  reflector: {{backend: litellm, name: openai/loopback, api_base: "{api_base}", api_key_env: LEAFE_TEST_KILL_KEY,
+              max_tokens: 32, backoff: 0.05, backoff_max: 0.2}}
+budget: {{interactions_per_task: 8}}
+methods:
+  leafe:
+    reflect_every: null
+    max_depth: 2
+    batch_tasks: 2
+    only_successful: false
+    train: {{epochs: 1, lr: 0.001, batch_size: 8}}
+eval: {{samples: 1, k: [1], batch_size: 4}}
+report: {{formats: [json]}}
+"""
+
+
+def _leafe_run(spec: Path, runs: Path, out: Path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "LEAFE_TEST_KILL_KEY": "sk-loopback"}
+    return subprocess.Popen([sys.executable, "-m", "leafe", "run", str(spec), "--runs-dir", str(runs),
+                             "--reports-dir", str(runs.parent / f"reports-{runs.name}")],
+                            cwd=Path(__file__).resolve().parents[2], stdout=open(out, "w"),
+                            stderr=subprocess.STDOUT, env=env)
+
+
+@pytest.mark.slow  # about 60-90 s: three `leafe run` processes (reference, killed, resumed)
+def test_sigkill_mid_exploration_resumes_without_losing_or_duplicating_trees(tmp_path, leafe_cache):
+    """`leafe run` killed (SIGKILL) while Stage 1 writes its trees, then re-run: every task's
+    tree once, each identical to an uninterrupted run's. The reflector is an API model (litellm)
+    served by a loopback server from this process, scripted so that every failure branches."""
+    import os
+    import signal
+    import time
+
+    pytest.importorskip("leafe.models.litellm", reason="needs the litellm extra")
+    from leafe.models.loopback import LoopbackServer
+
+    reflector = Reflector(lambda text: "<step>2</step><experience>Try another move.</experience>")
+    # each reflection request waits a little: exploration lasts long enough to be killed midway
+    with LoopbackServer(reflector, latency=0.15) as server:
+        spec = tmp_path / "leafe-kill.yaml"
+        spec.write_text(KILL_SPEC.format(api_base=server.api_base))
+        p = _leafe_run(spec, tmp_path / "ref", tmp_path / "ref.out")
+        assert p.wait(timeout=300) == 0, (tmp_path / "ref.out").read_text()[-3000:]
+
+        p = _leafe_run(spec, tmp_path / "runs", tmp_path / "killed.out")
+        trees_file, deadline = None, time.time() + 240
+        while time.time() < deadline and p.poll() is None:
+            found = list((tmp_path / "runs").glob("leafe-kill/leafe.explore-*/trees.jsonl"))
+            if found and found[0].read_text().count("\n") >= 1:
+                trees_file = found[0]
+                break
+            time.sleep(0.02)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+        assert trees_file is not None, "the run finished or never explored before it could be killed"
+        n_partial = trees_file.read_text().count("\n")
+        assert 1 <= n_partial < 6 and not (trees_file.parent / "DONE").exists()
+        print(f"killed with {n_partial} of 6 trees written")
+
+        p = _leafe_run(spec, tmp_path / "runs", tmp_path / "resumed.out")
+        assert p.wait(timeout=300) == 0, (tmp_path / "resumed.out").read_text()[-3000:]
+    assert "resuming leafe.explore" in (tmp_path / "resumed.out").read_text()
+
+    ref = _trees(next((tmp_path / "ref").glob("leafe-kill/leafe.explore-*")))
+    got = _trees(trees_file.parent)
+    tasks = [f"train-{i:05d}" for i in range(6)]
+    assert sorted(t["task"] for t in got) == tasks  # each task once: none lost, none doubled
+    assert sorted(got, key=lambda t: t["task"]) == sorted(ref, key=lambda t: t["task"])
+    # the scripted reflector made every tree branch (a chain of two corrections)
+    assert all([(n["parent"], n["tau"]) for n in t["nodes"]] == [(None, None), (0, 2), (1, 2)] for t in got)
+    assert (trees_file.parent / "DONE").exists()
+    assert len(list((tmp_path / "runs" / "leafe-kill").glob("eval.leafe-*/DONE"))) == 1
+    assert server.requests >= 2 * 6  # two reflections per task, the killed chunk's asked again

@@ -12,7 +12,8 @@ Two training stages:
   task is appended to `trees.jsonl` as soon as the task is finished (resumable).
 - `distill` (Stage 2): SFT on L = L_cf + β·L_reh with TRL's SFTTrainer (`train_sft`):
   counterfactual examples (the ORIGINAL, experience-free prompt before τ → the revised action
-  a'_τ) and rehearsal examples (every step of a random share of the successful trajectories).
+  a'_τ) and rehearsal examples (every step of a random share of the successful trajectories),
+  the latter with loss weight β on each completion token.
 
 Test time is the plain evaluation stage (no reflection, no rollback). See `LeafeConfig` for
 every choice the paper leaves open and its default.
@@ -157,9 +158,10 @@ class LeafeConfig(MethodConfig):
     """Share of the successful trajectories (branched ones included) whose every step joins
     L_reh (the paper: 20%); at least one when there is any and the share is > 0."""
     beta: float = Field(1.0, ge=0)
-    """β, the weight of L_reh. Implemented by duplication: each rehearsal example is used
-    floor(β) times plus once more with probability frac(β) (seeded), an approximation of a
-    per-example loss weight (TRL averages the loss over tokens). (Not in the paper.)"""
+    """β, the weight of L_reh: a loss weight on every rehearsal token. A step's loss is
+    (Σ_cf-tokens ℓ + β·Σ_reh-tokens ℓ) / N, N the completion tokens of the step's batch: exactly
+    L_cf + β·L_reh with both terms normalised by the same N (β = 1 is plain SFT on the union);
+    β = 0 leaves rehearsal out. (The paper gives no value; 1.)"""
     target: Literal["completion", "action"] = "completion"
     """Training target of a step: the policy's own reply text, or the action rendered with
     `env.action.render` (drops any reasoning before the action)."""
@@ -178,9 +180,9 @@ class LeafeConfig(MethodConfig):
 
     @model_validator(mode="after")
     def _some_loss(self) -> "LeafeConfig":
-        if not self.counterfactual and self.rehearsal_fraction == 0:
-            raise ValueError("counterfactual: false and rehearsal_fraction: 0 leave nothing to "
-                             "train on; enable one of them")
+        if not self.counterfactual and (self.rehearsal_fraction == 0 or self.beta == 0):
+            raise ValueError("counterfactual: false with rehearsal_fraction: 0 or beta: 0 leaves "
+                             "nothing to train on; enable one of them")
         return self
 
 
@@ -196,9 +198,19 @@ def _run_distill(ctx) -> None:
     run_distill_stage(ctx)
 
 
+#: The config fields each stage's result depends on (its key). `batch_tasks` is execution
+#: only (samples are seeded per episode and step, not per batch). Distillation depends on the
+#: exploration through the explore stage's key.
+EXPLORE_FIELDS = ("reflect_every", "max_depth", "branches_per_node", "max_attempts", "experience_scope",
+                  "experience_template", "reflection", "rollback", "use_experience")
+DISTILL_FIELDS = ("counterfactual", "only_successful", "cf_per_task", "rehearsal_fraction", "beta",
+                  "target", "train")
+
+
 class LeafeMethod(Method):
     Config = LeafeConfig
 
     def stages(self, instance, config, spec):
-        return [StageDef("explore", run=_run_explore, roles=("reflector",)),
-                StageDef("distill", run=_run_distill, produces_checkpoint=True)]
+        return [StageDef("explore", run=_run_explore, roles=("reflector",), config_fields=EXPLORE_FIELDS),
+                StageDef("distill", run=_run_distill, produces_checkpoint=True, config_fields=DISTILL_FIELDS,
+                         version=2)]  # 2: β as a loss weight (was duplication)

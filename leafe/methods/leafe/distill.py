@@ -7,8 +7,10 @@ SFTTrainer, loss on the completion only):
   only those whose branch subtree reaches success). Prompt: the ORIGINAL trajectory's prompt at
   step τ (its history before τ, no experience); completion: the branch's revised reply a'_τ.
 - L_reh: every step of a seeded `rehearsal_fraction` of the successful trajectories (branched
-  ones included, their inherited prefix too), experience-free prompts; β by duplication (see
-  `LeafeConfig.beta`).
+  ones included, their inherited prefix too), experience-free prompts, each with loss weight β
+  (counterfactual examples weigh 1). `train_sft` multiplies every completion token's loss by its
+  example's weight and divides by the step's completion-token count, so a step's loss is exactly
+  L_cf + β·L_reh with both terms token sums over that one count; β = 0 leaves rehearsal out.
 
 Only steps whose action reached the environment are targets (an unparsable reply is not an
 action to imitate); skipped ones are counted.
@@ -17,7 +19,6 @@ action to imitate); skipped ones are counted.
 from __future__ import annotations
 
 import copy
-import math
 import random
 
 from leafe.seeds import derive_seed
@@ -43,7 +44,8 @@ def _usable(step: dict) -> bool:
 
 
 def build_dataset(trees: list[dict], cfg, env_spec, seed: int) -> tuple[list[dict], dict]:
-    """Prompt-completion examples (with `kind`: cf or reh, `task`, `node`, `step`) and stats."""
+    """Prompt-completion examples (with `kind`: cf or reh, `task`, `node`, `step`, and the loss
+    `weight`: 1 for cf, β for reh) and stats."""
     from leafe.loop import render_action
 
     def completion(step: dict) -> list[dict]:
@@ -53,7 +55,7 @@ def build_dataset(trees: list[dict], cfg, env_spec, seed: int) -> tuple[list[dic
     trees = sorted(trees, key=lambda t: t["task"])
     stats = {"trees": len(trees), "branch_events": 0, "eligible_events": 0, "cf_examples": 0,
              "successful_trajectories": 0, "rehearsal_trajectories": 0, "reh_examples": 0,
-             "reh_unique": 0, "skipped_unusable": 0}
+             "beta": cfg.beta, "skipped_unusable": 0}
     cf: list[dict] = []
     successful: list[tuple[dict, dict]] = []
     for tree in trees:
@@ -77,28 +79,25 @@ def build_dataset(trees: list[dict], cfg, env_spec, seed: int) -> tuple[list[dic
             original = _full_steps(nodes, n["parent"])[n["tau"] - 1]
             cf.append({"kind": "cf", "task": tree["task"], "node": n["id"], "step": n["tau"] - 1,
                        "prompt": copy.deepcopy(original["prompt"]), "completion": completion(n["steps"][0]),
-                       "experience": n["experience"]})
+                       "experience": n["experience"], "weight": 1.0})
     stats["cf_examples"] = len(cf)
 
     reh: list[dict] = []
     stats["successful_trajectories"] = len(successful)
-    if cfg.rehearsal_fraction > 0 and successful:
+    if cfg.rehearsal_fraction > 0 and cfg.beta > 0 and successful:
         rng = random.Random(derive_seed(seed, "rehearsal"))
         m = max(1, round(cfg.rehearsal_fraction * len(successful)))
         picked = sorted(rng.sample(range(len(successful)), m))
         stats["rehearsal_trajectories"] = m
-        whole, frac = math.floor(cfg.beta), cfg.beta - math.floor(cfg.beta)
         for i in picked:
             tree, node = successful[i]
             for step in _full_steps(tree["nodes"], node["id"]):
                 if not _usable(step):
                     stats["skipped_unusable"] += 1
                     continue
-                ex = {"kind": "reh", "task": tree["task"], "node": node["id"], "step": step["step"],
-                      "prompt": copy.deepcopy(step["prompt"]), "completion": completion(step)}
-                stats["reh_unique"] += 1
-                copies = whole + (rng.random() < frac)
-                reh += [ex] * copies
+                reh.append({"kind": "reh", "task": tree["task"], "node": node["id"], "step": step["step"],
+                            "prompt": copy.deepcopy(step["prompt"]), "completion": completion(step),
+                            "weight": cfg.beta})
     stats["reh_examples"] = len(reh)
     return cf + reh, stats
 
@@ -132,8 +131,8 @@ def run_distill_stage(ctx) -> None:
     start = StageContext(ctx.loaded, ctx.plan, explore, ctx.plan.dir(explore), ctx.console).start_checkpoint()
     train_ctx = copy.copy(ctx)
     train_ctx.start_checkpoint = lambda: start
-    train_stats = train_sft(train_ctx, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples],
-                            cfg.train, seed)
+    train_stats = train_sft(train_ctx, [{"prompt": e["prompt"], "completion": e["completion"],
+                                         "weight": e["weight"]} for e in examples], cfg.train, seed)
     ctx.console.print(f"  trained {train_stats['steps']} steps, loss {train_stats['first_loss']:.3f} → "
                       f"{train_stats['last_loss']:.3f}")
     # no `interactions` here: the explore stage spent them (the report sums them per method)
