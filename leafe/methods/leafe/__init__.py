@@ -17,6 +17,12 @@ Two training stages:
 
 Test time is the plain evaluation stage (no reflection, no rollback). See `LeafeConfig` for
 every choice the paper leaves open and its default.
+
+Table 3 of the paper compares Stage 1 against two ways of spending the same execution budget:
+independent sampling (`explore_mode: independent`: up to `max_attempts` fresh rollouts per task,
+no reflector) and iterative refinement (`rollback: false`: each reflection restarts the task
+from step 1 with the experience). `leafe.methods.leafe.stats` computes the exploration's own
+Pass@k from the trees, which the report shows as its "Stage 1" table.
 """
 
 from __future__ import annotations
@@ -109,6 +115,13 @@ class LeafeConfig(MethodConfig):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
     # -- Stage 1: exploration -------------------------------------------------------------------
+    explore_mode: Literal["leafe", "independent"] = "leafe"
+    """`leafe`: reflect, roll back and branch (the fields below). `independent`: the Table 3
+    baseline, independent sampling at the same budget: up to `max_attempts` rollouts per task,
+    each from the start with the plain prompt, the next one only after a failure (none after a
+    success or an errored episode), under the same `budget.interactions_per_task` accounting;
+    no reflector is called (nor loaded), so the reflection fields are ignored and the trees are
+    root-only (one root per attempt). Its distillation is rehearsal only (no branch events)."""
     reflect_every: int | None = Field(5, ge=1)
     """K: reflect after every K steps of a branch (and always upon failure); null: only upon
     failure (the paper's setting for code, where rollback happens only when the turns are
@@ -141,7 +154,9 @@ class LeafeConfig(MethodConfig):
     # -- ablations ------------------------------------------------------------------------------
     rollback: bool = True
     """False: no rollback, a branch restarts from the beginning with the experience (iterative
-    refinement); its counterfactual target is then the first action of the new attempt."""
+    refinement, Table 3's middle column; set `max_depth` >= `max_attempts` - 1 to let the chain
+    of restarts use every attempt); its counterfactual target is then the first action of the
+    new attempt."""
     use_experience: bool = True
     """False: no experience, a branch only resamples the action at τ (the reflector still
     picks τ)."""
@@ -183,6 +198,13 @@ class LeafeConfig(MethodConfig):
         if not self.counterfactual and (self.rehearsal_fraction == 0 or self.beta == 0):
             raise ValueError("counterfactual: false with rehearsal_fraction: 0 or beta: 0 leaves "
                              "nothing to train on; enable one of them")
+        if self.explore_mode == "independent":
+            if not (self.rollback and self.use_experience):
+                raise ValueError("explore_mode: independent never reflects, so rollback: false and "
+                                 "use_experience: false mean nothing there; drop them")
+            if self.rehearsal_fraction == 0 or self.beta == 0:
+                raise ValueError("explore_mode: independent makes no branch events, so its "
+                                 "distillation is rehearsal only: rehearsal_fraction and beta must be > 0")
         return self
 
 
@@ -200,9 +222,12 @@ def _run_distill(ctx) -> None:
 
 #: The config fields each stage's result depends on (its key). `batch_tasks` is execution
 #: only (samples are seeded per episode and step, not per batch). Distillation depends on the
-#: exploration through the explore stage's key.
-EXPLORE_FIELDS = ("reflect_every", "max_depth", "branches_per_node", "max_attempts", "experience_scope",
-                  "experience_template", "reflection", "rollback", "use_experience")
+#: exploration through the explore stage's key. Independent sampling depends on nothing but
+#: the attempt budget (and the policy, env, budget and seed, as every stage): no reflection
+#: field and no reflector re-run it.
+EXPLORE_FIELDS = ("explore_mode", "reflect_every", "max_depth", "branches_per_node", "max_attempts",
+                  "experience_scope", "experience_template", "reflection", "rollback", "use_experience")
+INDEPENDENT_FIELDS = ("explore_mode", "max_attempts")
 DISTILL_FIELDS = ("counterfactual", "only_successful", "cf_per_task", "rehearsal_fraction", "beta",
                   "target", "train")
 
@@ -211,6 +236,10 @@ class LeafeMethod(Method):
     Config = LeafeConfig
 
     def stages(self, instance, config, spec):
-        return [StageDef("explore", run=_run_explore, roles=("reflector",), config_fields=EXPLORE_FIELDS),
+        if config.explore_mode == "independent":
+            explore = StageDef("explore", run=_run_explore, config_fields=INDEPENDENT_FIELDS)
+        else:
+            explore = StageDef("explore", run=_run_explore, roles=("reflector",), config_fields=EXPLORE_FIELDS)
+        return [explore,
                 StageDef("distill", run=_run_distill, produces_checkpoint=True, config_fields=DISTILL_FIELDS,
                          version=2)]  # 2: β as a loss weight (was duplication)

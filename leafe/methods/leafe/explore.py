@@ -12,6 +12,12 @@ Budget: `interactions_per_task` bounds the policy-chosen environment steps of a 
 nodes together). A node is launched only while budget is left, and after every turn a task
 with more running episodes than steps left has its newest ones stopped (`budget`), so the
 bound holds exactly. Restore replays are counted apart (`replay_steps`).
+
+`explore_mode: independent` (Table 3's independent sampling) uses the same waves and budget
+with no reflection: wave i runs each unsolved task's attempt i from the start, a new root of
+the tree (node i), while the previous attempt failed, attempts remain and budget is left. The
+trees' nodes are thus always in the order they were run (node id: breadth-first by wave), which
+`leafe.methods.leafe.stats` relies on.
 """
 
 from __future__ import annotations
@@ -113,7 +119,7 @@ class Tree:
                 "replay_steps": sum(n.replay_steps for n in self.nodes),
                 "reflections": len(reflections),
                 "reflection_parse_failures": sum(not r["ok"] for r in reflections),
-                "branches": len(self.nodes) - 1,
+                "branches": sum(n.parent is not None for n in self.nodes),
                 "success": any(n.outcome == "success" for n in self.nodes),
                 "root_success": bool(self.nodes) and self.nodes[0].outcome == "success"}
 
@@ -134,11 +140,12 @@ def reflection_conversation(cfg, env_adapter: str, task_text: str, initial_obser
 
 
 class Explorer:
-    """Explores chunks of tasks; `on_tree(record)` receives each finished task's tree."""
+    """Explores chunks of tasks; `on_tree(record)` receives each finished task's tree. The
+    reflector (and its sampling) may be None with `explore_mode: independent`."""
 
-    def __init__(self, *, policy: ChatModel, reflector: ChatModel, env_spec: EnvSpec,
+    def __init__(self, *, policy: ChatModel, reflector: ChatModel | None, env_spec: EnvSpec,
                  env_adapter: str, cfg, budget: int, policy_sampling: Sampling,
-                 reflect_sampling: Sampling, seed: int, make_env: Callable[[], Env],
+                 reflect_sampling: Sampling | None, seed: int, make_env: Callable[[], Env],
                  on_tree: Callable[[dict], None] | None = None):
         self.policy, self.reflector, self.env_spec = policy, reflector, env_spec
         self.env_adapter, self.cfg, self.budget = env_adapter, cfg, budget
@@ -171,6 +178,9 @@ class Explorer:
                              on_step=lambda r: self._on_step(trees, r),
                              on_episode=lambda s: self._on_episode(trees, s),
                              after_turn=lambda eps: self._after_turn(trees, eps))
+                if self.cfg.explore_mode == "independent":
+                    for task in dict.fromkeys(t for t, _ in pairs):
+                        self._next_attempt(trees[task])
             for tr in trees.values():
                 if not tr.pending and not tr.emitted:
                     tr.emitted = True
@@ -198,9 +208,17 @@ class Explorer:
             node.outcome = s.get("stop") or "failure"
 
     # -- reflection and rollback ------------------------------------------------------------
+    def _next_attempt(self, tr: Tree) -> None:
+        """Independent sampling: a fresh rollout after a failed one, within the limits."""
+        last = tr.nodes[-1]
+        if (last.outcome == "failure" and len(tr.nodes) < self.cfg.max_attempts
+                and tr.interactions < self.budget):
+            tr.nodes.append(Node(len(tr.nodes), None, 0))
+            tr.pending.append(len(tr.nodes) - 1)
+
     def _can_branch(self, tr: Tree, node: Node) -> bool:
-        return (node.depth < self.cfg.max_depth and len(tr.nodes) < self.cfg.max_attempts
-                and tr.interactions < self.budget)
+        return (self.cfg.explore_mode == "leafe" and node.depth < self.cfg.max_depth
+                and len(tr.nodes) < self.cfg.max_attempts and tr.interactions < self.budget)
 
     def _after_turn(self, trees: dict[str, Tree], stepped) -> None:
         cfg = self.cfg
@@ -316,7 +334,8 @@ def run_explore_stage(ctx) -> None:
     todo = [ch for ch in chunks if any(t not in done for t in ch)]
     if todo:
         start = ctx.start_checkpoint()
-        loaded = ctx.load_models(("policy", "reflector"), start)
+        reflective = cfg.explore_mode == "leafe"  # independent sampling loads no reflector
+        loaded = ctx.load_models(("policy", "reflector") if reflective else ("policy",), start)
         policy_spec = ctx.policy_spec(start)
         r = cfg.reflection
 
@@ -328,14 +347,14 @@ def run_explore_stage(ctx) -> None:
         try:
             with ctx.env_factory() as make_env:
                 explorer = Explorer(
-                    policy=loaded["policy"], reflector=loaded["reflector"], env_spec=spec.env,
+                    policy=loaded["policy"], reflector=loaded.get("reflector"), env_spec=spec.env,
                     env_adapter=spec.env.adapter, cfg=cfg, budget=budget,
                     policy_sampling=models.sampling_from(policy_spec),
                     reflect_sampling=models.sampling_from(
                         spec.role("reflector"), max_tokens=r.max_tokens, temperature=r.temperature,
                         # a tags reply is complete at </experience>; parse_reflection also
                         # accepts it unclosed
-                        stop=["</experience>"] if r.format == "tags" else None),
+                        stop=["</experience>"] if r.format == "tags" else None) if reflective else None,
                     seed=derive_seed(spec.seed, ctx.stage.id), make_env=make_env, on_tree=on_tree)
                 for chunk in todo:
                     explorer.explore(chunk)
