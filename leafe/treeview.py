@@ -23,6 +23,7 @@ from rich.text import Text
 from rich.tree import Tree
 
 from leafe.errors import UserError
+from leafe.methods.leafe.stats import subtree_success
 
 TREES = "trees.jsonl"
 _OUTCOME_STYLE = {"success": "bold green", "failure": "bold red", "error": "bold red",
@@ -139,14 +140,6 @@ def _trim(text: str, limit: int | None) -> str:
     return text if limit is None or len(text) <= limit else text[:limit - 1] + "…"
 
 
-def _subtree_success(nodes: list[dict]) -> dict[int, bool]:
-    ok = {n["id"]: n["outcome"] == "success" for n in nodes}
-    for n in sorted(nodes, key=lambda n: -n["depth"]):  # children before parents
-        if ok[n["id"]] and n["parent"] is not None:
-            ok[n["parent"]] = True
-    return ok
-
-
 def _outcome(outcome: str | None) -> str:
     o = outcome or "none"
     style = _OUTCOME_STYLE.get(o, "white")
@@ -217,7 +210,7 @@ def render_tree(tree: dict, *, full: bool = False) -> Tree:
     """One task's exploration tree as a rich `Tree`."""
     nodes = tree["nodes"]
     by_id = {n["id"]: n for n in nodes}
-    ok = _subtree_success(nodes)
+    ok = subtree_success(nodes)
     root_outcome = nodes[0]["outcome"] if nodes else None
     header = (f"[bold]{escape(tree['task'])}[/bold]  ·  {len(nodes)} node(s), {tree.get('branches', len(nodes) - 1)} "
               f"branch(es)  ·  {tree.get('interactions', 0)} interactions (+{tree.get('replay_steps', 0)} replayed)  ·  "

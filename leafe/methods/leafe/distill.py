@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import random
 
+from leafe.methods.leafe.stats import subtree_success
 from leafe.seeds import derive_seed
 
 
@@ -29,14 +30,6 @@ def _full_steps(nodes: list[dict], node_id: int) -> list[dict]:
     if node["parent"] is None:
         return list(node["steps"])
     return _full_steps(nodes, node["parent"])[:node["start_step"]] + node["steps"]
-
-
-def _subtree_success(nodes: list[dict]) -> dict[int, bool]:
-    ok = {n["id"]: n["outcome"] == "success" for n in nodes}
-    for n in sorted(nodes, key=lambda n: -n["depth"]):  # children before parents
-        if ok[n["id"]] and n["parent"] is not None:
-            ok[n["parent"]] = True
-    return ok
 
 
 def _usable(step: dict) -> bool:
@@ -60,7 +53,7 @@ def build_dataset(trees: list[dict], cfg, env_spec, seed: int) -> tuple[list[dic
     successful: list[tuple[dict, dict]] = []
     for tree in trees:
         nodes = tree["nodes"]
-        sub = _subtree_success(nodes)
+        sub = subtree_success(nodes)
         successful += [(tree, n) for n in nodes if n["outcome"] == "success"]
         events = [n for n in nodes if n["parent"] is not None and n["steps"]]
         stats["branch_events"] += len(events)

@@ -80,3 +80,12 @@ def variant(cfg) -> str:
         return "independent"
     name = "rollback" if cfg.rollback else "refinement"  # LEAFE / restart with the experience
     return name if cfg.use_experience else f"{name}, no experience"
+
+
+def subtree_success(nodes: list[dict]) -> dict[int, bool]:
+    """Per node id: whether the node or any node below it succeeded."""
+    ok = {n["id"]: n["outcome"] == "success" for n in nodes}
+    for n in sorted(nodes, key=lambda n: -n["depth"]):  # children before parents
+        if ok[n["id"]] and n["parent"] is not None:
+            ok[n["parent"]] = True
+    return ok
