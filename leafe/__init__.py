@@ -4,6 +4,6 @@ Reflect on environment feedback, roll back to the step that went wrong, explore 
 branch, then distil the corrections into the weights; compare with baselines by Pass@k.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["__version__"]

@@ -88,6 +88,9 @@ class Episode:
     """See `EpisodeStart.transform`."""
     stop: str | None = None
     """Why an `after_turn` hook ended the episode (None: it ended by itself)."""
+    env_obs: Observation | None = None
+    """The environment's latest observation: after an unparsable reply the agent sees the
+    invalid-reply notice before it (once, not one notice per reply in a row)."""
 
     def summary(self) -> dict:
         out = {"kind": "episode", "task": self.task_id, "sample": self.sample, "steps": self.step,
@@ -157,13 +160,14 @@ def run_episodes(
         for env, (task_id, sample), start in zip(envs, pairs, starts):
             if start is None:
                 obs = env.collect_reset()
-                episodes.append(Episode(task_id, sample, env, obs, start_obs=obs))
+                episodes.append(Episode(task_id, sample, env, obs, start_obs=obs, env_obs=obs))
                 continue
-            obs = env.restore(start.snapshot)
+            env_obs = obs = env.restore(start.snapshot)
             if start.obs_text is not None:
                 obs = replace(obs, text=start.obs_text)
             episodes.append(Episode(task_id, sample, env, obs, history=list(start.history),
-                                    step=start.step, start_obs=obs, transform=start.transform))
+                                    step=start.step, start_obs=obs, transform=start.transform,
+                                    env_obs=env_obs))
         turn = 0
         while True:
             active = [e for e in episodes if not e.done]
@@ -216,8 +220,9 @@ def run_episodes(
                     e.parse_failures += 1
                 if action is None:
                     e.invalid += 1
-                    obs = Observation(text=action_spec.invalid_feedback + "\n" + e.obs.text,
-                                      task=e.obs.task, admissible=e.obs.admissible)
+                    base = e.env_obs or e.obs
+                    obs = Observation(text=action_spec.invalid_feedback + "\n" + base.text,
+                                      task=base.task, admissible=base.admissible)
                     reward, done, success, valid = 0.0, False, False, False
                 else:
                     result = e.env.collect_step()
@@ -225,6 +230,7 @@ def run_episodes(
                     stats.env_steps += 1
                     obs, reward, done, success, valid = (result.observation, result.reward,
                                                          result.done, result.success, result.valid)
+                    e.env_obs = obs
                     if not valid:
                         e.invalid += 1
                 record = {"kind": "step", "task": e.task_id, "sample": e.sample, "step": e.step,

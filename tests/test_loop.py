@@ -59,6 +59,10 @@ def test_unparsable_replies_count_as_invalid_and_do_not_touch_the_env():
     assert all(s["parsed"] is False and s["action"] is None and s["valid"] is False for s in steps)
     assert steps[0]["observation"].startswith("Invalid reply")
     assert model.calls[0][0] == 2  # both episodes in one batched call
+    # replies in a row: the notice comes once, before the environment's last observation
+    feedback = env_spec().action.invalid_feedback
+    first = [st["observation"] for st in steps if st["task"] == "test-00001"]
+    assert len(first) == 3 and first[0] == first[-1] and first[-1].count(feedback) == 1
 
 
 def test_passthrough_sends_the_raw_reply():
