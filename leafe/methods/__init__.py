@@ -11,6 +11,7 @@ registry = Registry(
     {
         "base": "leafe.methods.base:BaseMethod",
         "sft": "leafe.methods.sft:SFTMethod",
+        "rft": "leafe.methods.rft:RFTMethod",
         "leafe": "leafe.methods.leafe:LeafeMethod",
     },
 )

@@ -253,8 +253,9 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     tmp = ctx.dir / ".checkpoint.tmp"
     final.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    method = ctx.loaded.method_types.get(ctx.stage.method, "sft")
     atomic_write_json(tmp / "leafe_model.json", {"trained_from": provenance, "stage": ctx.stage.id,
-                                                 "method": "sft", "lora": peft_config is not None})
+                                                 "method": method, "lora": peft_config is not None})
     atomic_replace_dir(tmp, ctx.dir / "checkpoint")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     atomic_write_json(ctx.dir / "train_log.json", trainer.state.log_history)
