@@ -13,6 +13,7 @@ registry = Registry(
         "sft": "leafe.methods.sft:SFTMethod",
         "rft": "leafe.methods.rft:RFTMethod",
         "leafe": "leafe.methods.leafe:LeafeMethod",
+        "grpo": "leafe.methods.grpo:GRPOMethod",
     },
 )
 
