@@ -331,12 +331,12 @@ def leafe_grpo_trainer():
 def run_grpo_stage(ctx) -> None:
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from transformers import TrainerCallback
     from trl import GRPOConfig as TRLGRPOConfig
 
     from leafe.errors import UserError
+    from leafe.methods.sft import load_start_policy
     from leafe.models.base import Sampling
-    from leafe.models.transformers import merge_adapter, resolve_with_adapter
     from leafe.seeds import derive_seed
     from leafe.store import atomic_replace_dir, atomic_write_json
 
@@ -353,21 +353,12 @@ def run_grpo_stage(ctx) -> None:
         raise UserError(f"{ctx.stage.id}: the environment has no train tasks")
     seed = derive_seed(spec.seed, ctx.stage.id)
 
-    start = ctx.start_checkpoint()
-    policy = ctx.policy_spec(start)
-    path, provenance, adapter, adapter_prov = resolve_with_adapter(
-        policy.name, policy.revision, getattr(policy, "adapter", None))
-    if adapter is not None:
-        provenance = {**provenance, "adapter": adapter_prov}
-    atomic_write_json(ctx.dir / "model.json", {"initial": provenance})
+    policy = ctx.policy_spec(ctx.start_checkpoint())
+    model, tokenizer, provenance = load_start_policy(ctx)
+    path = provenance["path"]
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if adapter is not None:
-        model = merge_adapter(model, adapter)
+    dtype = model.dtype
+    adapter = provenance.get("adapter")
     peft_config = None
     if cfg.lora is not None:
         from peft import LoraConfig

@@ -10,7 +10,6 @@ checkpoint.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -173,6 +172,35 @@ def _weighted_sft_trainer():
     return WeightedSFTTrainer
 
 
+def load_start_policy(ctx):
+    """The stage's starting policy for training: (model, tokenizer, provenance). The model is
+    the upstream checkpoint or the spec's policy, with its adapter merged (a checkpoint is one
+    plain model), bfloat16 on GPUs that support it, else float32; the tokenizer gets a pad
+    token. Writes model.json ({"initial": provenance})."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from leafe.models.transformers import merge_adapter, resolve_with_adapter
+    from leafe.store import atomic_write_json
+
+    policy = ctx.policy_spec(ctx.start_checkpoint())
+    path, provenance, adapter, adapter_prov = resolve_with_adapter(
+        policy.name, policy.revision, getattr(policy, "adapter", None))
+    provenance = {"path": path, **provenance}
+    if adapter is not None:
+        provenance = {**provenance, "adapter": adapter_prov}
+    atomic_write_json(ctx.dir / "model.json", {"initial": provenance})
+    cuda = torch.cuda.is_available()
+    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if adapter is not None:
+        model = merge_adapter(model, adapter)
+    return model, tokenizer, provenance
+
+
 def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     """Fine-tune the stage's starting policy on prompt-completion `examples`; write
     `checkpoint/` (a plain model directory) and return training statistics.
@@ -184,28 +212,14 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
 
     import torch
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from leafe.models.transformers import merge_adapter, resolve_with_adapter
     from leafe.store import atomic_replace_dir, atomic_write_json
 
-    start = ctx.start_checkpoint()
-    policy = ctx.policy_spec(start)
-    path, provenance, adapter, adapter_prov = resolve_with_adapter(
-        policy.name, policy.revision, getattr(policy, "adapter", None))
-    if adapter is not None:
-        provenance = {**provenance, "adapter": adapter_prov}
-    atomic_write_json(ctx.dir / "model.json", {"initial": provenance})
+    model, tokenizer, provenance = load_start_policy(ctx)
     cuda = torch.cuda.is_available()
-    dtype = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float32
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    if adapter is not None:  # train from base + adapter, merged (the checkpoint is one model)
-        model = merge_adapter(model, adapter)
+    dtype = model.dtype
 
     peft_config = None
     if train.lora is not None:

@@ -22,7 +22,9 @@ class Ctx:
     """What `train_sft` reads of a stage context."""
 
     def __init__(self, d):
-        self.dir, self.console, self.stage = d, Console(file=io.StringIO()), SimpleNamespace(id="t.train")
+        self.dir, self.console = d, Console(file=io.StringIO())
+        self.stage = SimpleNamespace(id="t.train", method="t")
+        self.loaded = SimpleNamespace(method_types={"t": "sft"})
 
     def start_checkpoint(self):
         return None
