@@ -129,3 +129,15 @@ def test_config_fields_must_name_real_fields(tmp_path, monkeypatch):
     monkeypatch.setattr(SFTMethod, "stages", lambda self, i, c, s: [StageDef("train", run=None, config_fields=("tran",))])
     with pytest.raises(ValueError, match="tran"):
         plan_of(tmp_path)
+
+
+def test_reflection_hint_keys_only_leafe_exploration(tmp_path):
+    body = ('leafe: 1\nname: h\nenv: {use: sokoban}\nmodels:\n  policy: {name: "leafe:tiny-qwen2"}\n'
+            'methods:\n  sft: {}\n  leafe: {use: leafe, init: sft}\neval: {samples: 1, k: [1]}\n')
+    f = tmp_path / "h.yaml"
+    f.write_text(body)
+    a = build_plan(load_spec(f), tmp_path / "runs")
+    b = build_plan(load_spec(f, ["env.reflection_hint=Mind the walls."]), tmp_path / "runs")
+    changed = {s.id for s in a.stages if s.kind != "report" and s.hash != b.stage(s.id).hash}
+    # exploration and what depends on it re-run; sft and the evaluations of base/sft do not
+    assert changed == {"leafe.explore", "leafe.distill", "eval.leafe"}

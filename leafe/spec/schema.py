@@ -81,6 +81,9 @@ class EnvSpec(Strict):
     """Prompt templates."""
     action: ActionSpec = Field(default_factory=ActionSpec)
     """Action format."""
+    reflection_hint: str | None = None
+    """A short note on this environment's typical mistakes, given to reflecting methods'
+    prompts (LEAFE's reflection template gets it as `hint`); set in the environment preset."""
     # How environments are run, not what they compute: `EXECUTION_ONLY`, left out of stage
     # keys (changing them neither re-runs nor invalidates finished stages).
     workers: int = Field(0, ge=0)
@@ -100,6 +103,9 @@ class EnvSpec(Strict):
 
 #: EnvSpec fields that do not change results (left out of stage keys; kept in the manifest).
 EXECUTION_ONLY = {"workers", "step_timeout", "episode_retries"}
+#: EnvSpec fields only some methods read: left out of the common stage inputs; the stages that
+#: read them add them to their own `StageDef.inputs`.
+METHOD_ONLY = {"reflection_hint"}
 
 
 class ModelSpec(Strict):

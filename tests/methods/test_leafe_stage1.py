@@ -347,3 +347,23 @@ def test_independent_explore_stage_loads_no_reflector(tmp_path, leafe_cache):
         assert t["interactions"] == 5 and [len(n["steps"]) for n in t["nodes"]] == [2, 2, 1]
     m = json.loads((d / "metrics.json").read_text())
     assert m["interactions"] == sum(t["interactions"] for t in trees) and m["reflections"] == 0
+
+
+def test_reflection_hint_comes_from_the_env_preset_unless_the_method_overrides_it(tmp_path):
+    from leafe.methods.leafe.explore import reflection_conversation
+    from leafe.spec import load_spec
+
+    f = tmp_path / "h.yaml"
+    f.write_text('leafe: 1\nname: h\nenv: {use: sokoban}\nmodels:\n  policy: {name: "leafe:tiny-qwen2"}\n'
+                 'methods:\n  a: {use: leafe}\n  b: {use: leafe, reflection: {hints: {sokoban: "Mind the walls."}}}\n'
+                 'eval: {samples: 1, k: [1]}\n')
+    loaded = load_spec(f)
+    preset_hint = loaded.spec.env.reflection_hint
+    assert preset_hint and "corner" in preset_hint  # from envs/sokoban.yaml
+    history = [{"action": "up", "observation": "..."}]
+    for name, want in (("a", preset_hint), ("b", "Mind the walls.")):
+        conv = reflection_conversation(loaded.methods[name], "sokoban", "push", "obs0", history, 5,
+                                       "failure", env_hint=preset_hint)
+        assert f"Hint: {want}" in conv[-1]["content"]
+    bare = reflection_conversation(loaded.methods["a"], "sokoban", "push", "obs0", history, 5, "failure")
+    assert "Hint:" not in bare[-1]["content"]

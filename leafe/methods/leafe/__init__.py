@@ -55,25 +55,13 @@ Which step's action (1-{{ steps }}) first led the attempt astray? Answer exactly
 <step>N</step><experience>what went wrong at that step and what to do instead, in one or two sentences</experience>
 or, if the attempt is on track, <step>none</step>."""
 
-DEFAULT_HINTS = {
-    "sokoban": "A box pushed into a corner or along a wall away from the target can never be "
-               "brought back; check each push before making it.",
-    "alfworld": "Check that the object was found and picked up before using it, and that "
-                "receptacles were opened before looking inside.",
-    "sciworld": "Check that each action used an object that exists in the current room and "
-                "that the required tool was in the inventory.",
-    "textworld": "Check that doors were opened and items taken before they were needed.",
-    "coding": "Check the failing test's input against the code's handling of edge cases.",
-}
-
-
 class ReflectionSpec(BaseModel):
     """The reflector's prompt (sandboxed Jinja2) and output format.
 
     Template variables: `task` (goal text), `initial_observation`, `history` (list of
     {step (1-based), action, observation}), `steps` (steps so far), `max_steps`, `status`
     (`failed` or `in progress`), `trigger` (`failure` or `periodic`), `hint` (this
-    environment's entry of `hints`, or empty)."""
+    environment's entry of `hints`, else the preset's `env.reflection_hint`, else empty)."""
 
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
@@ -85,8 +73,9 @@ class ReflectionSpec(BaseModel):
     """Reply format the prompt asks for (see `leafe.parsing.parse_reflection`): `tags`
     (<step>N</step><experience>...</experience>, <step>none</step> declines) or `json`
     ({"step": N, "experience": "..."}, {"step": null} declines)."""
-    hints: dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_HINTS))
-    """Per-environment hint (by adapter name) given to the template as `hint`."""
+    hints: dict[str, str] = Field(default_factory=dict)
+    """Hints by environment adapter name, given to the template as `hint`; an entry here
+    replaces the environment preset's `reflection_hint` (the default source of hints)."""
     max_tokens: int | None = Field(256, ge=1)
     """Token limit of a reflection; null: the reflector's `max_tokens`."""
     temperature: float | None = Field(None, ge=0)
@@ -239,7 +228,8 @@ class LeafeMethod(Method):
         if config.explore_mode == "independent":
             explore = StageDef("explore", run=_run_explore, config_fields=INDEPENDENT_FIELDS)
         else:
-            explore = StageDef("explore", run=_run_explore, roles=("reflector",), config_fields=EXPLORE_FIELDS)
+            explore = StageDef("explore", run=_run_explore, roles=("reflector",), config_fields=EXPLORE_FIELDS,
+                               inputs={"env.reflection_hint": spec.spec.env.reflection_hint if spec else None})
         return [explore,
                 StageDef("distill", run=_run_distill, produces_checkpoint=True, config_fields=DISTILL_FIELDS,
                          version=2)]  # 2: β as a loss weight (was duplication)

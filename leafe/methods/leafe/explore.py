@@ -125,13 +125,14 @@ class Tree:
 
 
 def reflection_conversation(cfg, env_adapter: str, task_text: str, initial_observation: str,
-                            history: list[dict], max_steps: int, trigger: str) -> Conversation:
+                            history: list[dict], max_steps: int, trigger: str,
+                            env_hint: str | None = None) -> Conversation:
     r = cfg.reflection
     variables = dict(task=task_text, initial_observation=initial_observation,
                      history=[{"step": i + 1, **h} for i, h in enumerate(history)],
                      steps=len(history), max_steps=max_steps, trigger=trigger,
                      status="failed" if trigger == "failure" else "in progress",
-                     hint=r.hints.get(env_adapter, ""))
+                     hint=r.hints.get(env_adapter) or env_hint or "")
     conv: Conversation = []
     if r.system is not None:
         conv.append({"role": "system", "content": render(r.system, **variables)})
@@ -242,7 +243,8 @@ class Explorer:
                 requests.append((e, tr, node, trigger))
         if requests:
             convs = [reflection_conversation(cfg, self.env_adapter, e.obs.task, tr.initial_observation,
-                                             e.history, self.env_spec.max_steps, trigger)
+                                             e.history, self.env_spec.max_steps, trigger,
+                                             env_hint=self.env_spec.reflection_hint)
                      for e, tr, node, trigger in requests]
             n = cfg.branches_per_node
             outs = self.reflector.generate(
