@@ -12,6 +12,7 @@ registry = Registry(
         "base": "leafe.methods.base:BaseMethod",
         "sft": "leafe.methods.sft:SFTMethod",
         "rft": "leafe.methods.rft:RFTMethod",
+        "early_experience": "leafe.methods.early_experience:EarlyExperienceMethod",
         "leafe": "leafe.methods.leafe:LeafeMethod",
         "grpo": "leafe.methods.grpo:GRPOMethod",
     },
