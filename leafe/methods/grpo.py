@@ -335,10 +335,10 @@ def run_grpo_stage(ctx) -> None:
     from trl import GRPOConfig as TRLGRPOConfig
 
     from leafe.errors import UserError
-    from leafe.methods.sft import load_start_policy
+    from leafe.methods.sft import load_start_policy, save_checkpoint
     from leafe.models.base import Sampling
     from leafe.seeds import derive_seed
-    from leafe.store import atomic_replace_dir, atomic_write_json
+    from leafe.store import atomic_write_json
 
     cfg: GRPOConfig = ctx.loaded.methods[ctx.stage.method]
     spec = ctx.spec
@@ -459,15 +459,7 @@ def run_grpo_stage(ctx) -> None:
         finally:
             trl_log.removeFilter(_padding_reward_filter)
 
-    final = trainer.model
-    if peft_config is not None:
-        final = final.merge_and_unload()
-    tmp = ctx.dir / ".checkpoint.tmp"
-    final.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    atomic_write_json(tmp / "leafe_model.json", {"trained_from": provenance, "stage": ctx.stage.id,
-                                                 "method": "grpo", "lora": peft_config is not None})
-    atomic_replace_dir(tmp, ctx.dir / "checkpoint")
+    save_checkpoint(ctx, trainer.model, tokenizer, provenance, lora=peft_config is not None)
     atomic_write_json(ctx.dir / "train_log.json", trainer.state.log_history)
     if "model" in holder:
         ctx.save_usage({"policy": holder["model"]})

@@ -201,6 +201,22 @@ def load_start_policy(ctx):
     return model, tokenizer, provenance
 
 
+def save_checkpoint(ctx, model, tokenizer, provenance: dict, lora: bool) -> None:
+    """Write the trained policy to `ctx.dir/checkpoint` atomically: one plain model directory
+    (a LoRA adapter merged in) with leafe_model.json naming what it was trained from and by."""
+    from leafe.store import atomic_replace_dir, atomic_write_json
+
+    if lora:
+        model = model.merge_and_unload()
+    tmp = ctx.dir / ".checkpoint.tmp"
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    method = ctx.loaded.method_types.get(ctx.stage.method, "sft")
+    atomic_write_json(tmp / "leafe_model.json", {"trained_from": provenance, "stage": ctx.stage.id,
+                                                 "method": method, "lora": lora})
+    atomic_replace_dir(tmp, ctx.dir / "checkpoint")
+
+
 def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     """Fine-tune the stage's starting policy on prompt-completion `examples`; write
     `checkpoint/` (a plain model directory) and return training statistics.
@@ -215,7 +231,7 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     from trl import SFTConfig as TRLSFTConfig
     from trl import SFTTrainer
 
-    from leafe.store import atomic_replace_dir, atomic_write_json
+    from leafe.store import atomic_write_json
 
     model, tokenizer, provenance = load_start_policy(ctx)
     cuda = torch.cuda.is_available()
@@ -261,16 +277,7 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     resume = any(p.name.startswith("checkpoint-") for p in out.glob("checkpoint-*")) if out.exists() else False
     result = trainer.train(resume_from_checkpoint=True if resume else None)
 
-    final = trainer.model
-    if peft_config is not None:
-        final = final.merge_and_unload()
-    tmp = ctx.dir / ".checkpoint.tmp"
-    final.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    method = ctx.loaded.method_types.get(ctx.stage.method, "sft")
-    atomic_write_json(tmp / "leafe_model.json", {"trained_from": provenance, "stage": ctx.stage.id,
-                                                 "method": method, "lora": peft_config is not None})
-    atomic_replace_dir(tmp, ctx.dir / "checkpoint")
+    save_checkpoint(ctx, trainer.model, tokenizer, provenance, lora=peft_config is not None)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     atomic_write_json(ctx.dir / "train_log.json", trainer.state.log_history)
     return {"train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
