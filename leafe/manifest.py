@@ -12,6 +12,7 @@ from importlib import metadata
 from pathlib import Path
 
 import leafe
+from leafe.budget import method_budget
 from leafe.plan import Plan
 from leafe.spec.loader import LoadedSpec
 from leafe.store import atomic_write_json, read_json
@@ -88,6 +89,9 @@ def write_manifest(loaded: LoadedSpec, plan: Plan) -> Path:
         "stages": stages,
         "models": models,
         "usage": usage,
+        "budget": {"interactions_per_task": loaded.spec.budget.interactions_per_task,
+                   "methods": {m: method_budget(plan, m, loaded.spec.budget.interactions_per_task)
+                               for m in loaded.methods}},
         "packages": package_versions(),
         "git": git_revision(),
         "host": host(),

@@ -15,13 +15,14 @@ from rich.console import Console
 from rich.table import Table
 from tabulate import tabulate
 
+from leafe.budget import method_budget
 from leafe.metrics import episode_metrics
 from leafe.plan import Plan
 from leafe.spec.loader import LoadedSpec
 from leafe.stage import read_episodes
 from leafe.store import atomic_write_json, atomic_write_text, read_json
 
-REPORT_VERSION = 2  # 2: the `stage1` section
+REPORT_VERSION = 3  # 2: the `stage1` section; 3: `init` and `budget` per row
 
 
 def collect(loaded: LoadedSpec, plan: Plan) -> dict:
@@ -32,14 +33,11 @@ def collect(loaded: LoadedSpec, plan: Plan) -> dict:
     for name in loaded.methods:
         ev = plan.stage(f"eval.{name}")
         episodes = read_episodes(plan.dir(ev)) if plan.status(ev) == "done" else []
-        train_interactions = 0
         usage: dict[str, dict] = {}
+        budget = method_budget(plan, name, spec.budget.interactions_per_task)
         for s in plan.stages:
             if s.method != name:
                 continue
-            mf = plan.dir(s) / "metrics.json"
-            if s.kind == "train" and mf.exists():
-                train_interactions += int(read_json(mf).get("interactions", 0))
             uf = plan.dir(s) / "usage.json"
             if uf.exists():  # model usage per role, summed over the method's stages
                 for role, u in read_json(uf).items():
@@ -47,7 +45,8 @@ def collect(loaded: LoadedSpec, plan: Plan) -> dict:
                     for k, v in u.items():
                         tot[k] = round(tot.get(k, 0) + v, 3)
         row = {"method": name, "type": loaded.method_types[name], "status": plan.status(ev),
-               "train_interactions": train_interactions, "usage": usage}
+               "init": loaded.methods[name].init,
+               "train_interactions": budget["own"], "budget": budget, "usage": usage}
         if episodes:
             m = episode_metrics(episodes, spec.eval.k)
             m.pop("per_task")
@@ -55,6 +54,7 @@ def collect(loaded: LoadedSpec, plan: Plan) -> dict:
         rows.append(row)
     return {"report_version": REPORT_VERSION, "name": spec.name, "env": spec.env.adapter,
             "model": spec.models.policy.name, "k": spec.eval.k, "samples": spec.eval.samples,
+            "budget_per_task": spec.budget.interactions_per_task,
             "rows": rows, "stage1": _stage1(loaded, plan),
             "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
@@ -110,8 +110,10 @@ def _cells(data: dict) -> tuple[list[str], list[list[str]]]:
     """Header and body cells; the best value of each score column is marked **bold** (ties all
     bold; a column where every method scores 0 has no bold)."""
     ks = data["k"]
+    chained = any(r.get("budget", {}).get("inherited") for r in data["rows"])
     header = ["method"] + [f"pass@{k}" for k in ks] + [f"pass^{ks[-1]}", "success", "steps",
                                                        "tokens", "train interactions"]
+    header += ["with init", "max/task"] if chained else ["max/task"]
     done = [r for r in data["rows"] if "pass@k" in r]
     scores = {f"pass@{k}": (lambda r, k=k: r["pass@k"][str(k)]) for k in ks}
     scores[f"pass^{ks[-1]}"] = lambda r: r["pass^k"][str(ks[-1])]
@@ -122,15 +124,28 @@ def _cells(data: dict) -> tuple[list[str], list[list[str]]]:
         if "pass@k" not in r:
             body.append([r["method"]] + ["(not run)"] * (len(header) - 1))
             continue
-        cells = [r["method"]]
+        cells = [r["method"] + (f" ← {r['init']}" if r.get("init") else "")]
         for col, get in scores.items():
             v = get(r)
             s = f"{100 * v:.1f}"
             cells.append(f"**{s}**" if v > 0 and abs(v - best[col]) < 1e-12 else s)
         cells += [f"{r['mean_steps']:.1f}", f"{r['prompt_tokens'] + r['completion_tokens']:,}",
                   f"{r['train_interactions']:,}"]
+        b = r.get("budget")
+        if chained:
+            cells.append(f"{b['total']:,}" if b else "–")
+        cells.append(_max_cell(b, "total_max_per_task" if chained else "own_max_per_task"))
         body.append(cells)
     return header, body
+
+
+def _max_cell(b: dict | None, key: str) -> str:
+    """`max/budget` of the busiest train task; `!` marks a method whose own stages exceeded the
+    budget (leafe's methods never do; a stage recorded under an older leafe might)."""
+    if not b:
+        return "–"
+    over = b.get("own_within") is False
+    return f"{b[key]}/{b['budget_per_task']}" + (" !" if over else "")
 
 
 def to_markdown(data: dict) -> str:
@@ -140,7 +155,13 @@ def to_markdown(data: dict) -> str:
         "",
         f"Environment `{data['env']}`, policy `{data['model']}`, {data['samples']} samples per test "
         f"task. Pass@k (unbiased estimator), pass^k and success in %, the best per column in bold; steps are "
-        f"mean policy steps per episode; tokens are prompt + completion tokens in evaluation.",
+        f"mean policy steps per episode; tokens are prompt + completion tokens in evaluation. "
+        f"Train interactions: environment steps the method's own training spent on the train tasks "
+        f"(budget {data.get('budget_per_task', '?')} per task)"
+        + ("; with init: including the methods it starts from (`a ← b`: a starts from b's checkpoint); "
+           "max/task: the busiest train task, own and inherited steps together." if any(
+               r.get("budget", {}).get("inherited") for r in data["rows"])
+           else "; max/task: the busiest train task."),
         "",
         tabulate(body, headers=header, tablefmt="github", disable_numparse=True,
                  colalign=["left"] + ["right"] * (len(header) - 1)),
@@ -180,7 +201,7 @@ def to_markdown(data: dict) -> str:
     return "\n".join(lines)
 
 
-SHORT = {"success": "succ.", "train interactions": "train int.", "fixed by branch": "fixed",
+SHORT = {"success": "succ.", "train interactions": "train int.", "with init": "w/ init", "fixed by branch": "fixed",
          "trajectories": "traj.", "interactions": "int.", "reflections": "refl.", "parse failures": "unp.",
          "replayed": "repl.", "branches": "br."}
 

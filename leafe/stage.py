@@ -138,7 +138,15 @@ class StageContext:
             out[role] = {k: round(v + before.get(k, 0), 3) if isinstance(v, float) else v + before.get(k, 0)
                          for k, v in now.items()}
         atomic_write_json(self.dir / "usage.json", out)
+        self._usage_saved = {role: model.usage.calls for role, model in loaded.items()}
         return out
+
+    def sync_usage(self, loaded: dict[str, "ChatModel"]) -> None:
+        """`save_usage` when a model was called since the last save. Called before records are
+        appended, so a killed stage's usage.json covers at least every recorded sample (what it
+        re-draws on resume is counted again: usage is what was spent)."""
+        if getattr(self, "_usage_saved", None) != {role: m.usage.calls for role, m in loaded.items()}:
+            self.save_usage(loaded)
 
 
 def close_models(loaded: dict[str, "ChatModel"]) -> None:
@@ -189,11 +197,13 @@ def run_eval(ctx: StageContext) -> dict:
 
                         def on_step(r: dict, fresh=fresh) -> None:
                             if (r["task"], r["sample"]) in fresh:
+                                ctx.sync_usage(loaded)
                                 log.append([r])
                                 bar.on_step(r)
 
                         def on_episode(r: dict, fresh=fresh) -> None:
                             if (r["task"], r["sample"]) in fresh:
+                                ctx.sync_usage(loaded)
                                 log.append([r])
                                 finished.add((r["task"], r["sample"]))
                                 bar.on_episode()

@@ -42,6 +42,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from leafe.budget import stage_budget
 from leafe.methods.api import Method, MethodConfig, StageDef
 from leafe.methods.sft import TrainSpec
 
@@ -248,7 +249,8 @@ def _collect(ctx, cfg: EarlyExperienceConfig, log) -> dict:
             "restores": sum(t["restores"] for t in rows), "replay_steps": sum(t["replay_steps"] for t in rows),
             "interactions": sum(t["interactions"] for t in rows),
             "max_task_interactions": max((t["interactions"] for t in rows), default=0),
-            "budget_per_task": budget}
+            "budget_per_task": budget,
+            "budget": stage_budget({t["task"]: t["interactions"] for t in rows}, budget)}
 
 
 def run_explore(ctx) -> None:

@@ -44,6 +44,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from leafe.budget import stage_budget
 from leafe.methods.api import Method, MethodConfig, StageDef
 from leafe.methods.sft import LoraSpec
 
@@ -153,6 +154,21 @@ class Rollouts:
         else:
             self.state = {"iteration": 0, "cursor": 0, "spent": {t: 0 for t in tasks},
                           "groups": {t: 0 for t in tasks}, "history": []}
+        self._drop_uncharged_records()
+
+    def _drop_uncharged_records(self) -> None:
+        """Records of an iteration the state does not count (the stage died between appending
+        them and saving the state) are dropped: the iteration re-runs from the same state and
+        seed, so its records are written once and its interactions charged once."""
+        from leafe.store import RecordLog
+
+        log = RecordLog(self.dir / "records.jsonl")
+        if not log.path.exists():
+            return
+        recs = log.read()
+        kept = [r for r in recs if r.get("iteration", -1) < self.state["iteration"]]
+        if len(kept) != len(recs):
+            log.rewrite(kept)
 
     # -- budget ---------------------------------------------------------------------------------
     def affordable(self, task: str) -> bool:
@@ -467,7 +483,7 @@ def run_grpo_stage(ctx) -> None:
     spent = rollouts.state["spent"]
     metrics = {
         "interactions": sum(spent.values()), "interactions_per_task_max": max(spent.values()),
-        "budget_per_task": budget, "tasks": len(tasks), "iterations": len(history),
+        "budget_per_task": budget, "budget": stage_budget(spent, budget), "tasks": len(tasks), "iterations": len(history),
         "steps": trainer.state.global_step, "resumed": resume,
         "mean_reward": [h["mean_reward"] for h in history],
         "success_rate": [h["success_rate"] for h in history],

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
+from leafe.budget import stage_budget
 from leafe.methods.api import Method, MethodConfig, StageDef
 from leafe.methods.sft import TrainSpec
 
@@ -113,7 +114,8 @@ def run_rft_stage(ctx) -> None:
                  "successes": sum(e["success"] for e in episodes),
                  "tasks_solved": len({e["task"] for e in episodes if e["success"]}),
                  "interactions": sum(per_task.values()),
-                 "max_task_interactions": max(per_task.values(), default=0)}
+                 "max_task_interactions": max(per_task.values(), default=0),
+                 "budget": stage_budget(per_task, spec.budget.interactions_per_task)}
         atomic_write_json(marker, stats)
     records = log.read()
     examples = examples_from([r for r in records if r["kind"] == "step"],

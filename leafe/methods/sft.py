@@ -14,6 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from leafe.budget import stage_budget
 from leafe.methods.api import Method, MethodConfig, StageDef
 
 
@@ -77,6 +78,7 @@ def collect_demonstrations(ctx, budget: int) -> tuple[list[dict], dict]:
     env = ctx.make_env()
     examples: list[dict] = []
     stats = {"tasks": 0, "no_expert": 0, "expert_failed": 0, "interactions": 0, "truncated": 0}
+    per_task: dict[str, int] = {}
     try:
         for task in ctx.tasks("train"):
             stats["tasks"] += 1
@@ -98,6 +100,7 @@ def collect_demonstrations(ctx, budget: int) -> tuple[list[dict], dict]:
                     {"role": "assistant", "content": render_action(spec.env, action)}]})
                 result = env.step(action)
                 stats["interactions"] += 1
+                per_task[task] = per_task.get(task, 0) + 1
                 history.append({"action": action, "observation": result.observation.text})
                 obs = result.observation
                 success = result.success
@@ -108,6 +111,7 @@ def collect_demonstrations(ctx, budget: int) -> tuple[list[dict], dict]:
             examples += steps
     finally:
         env.close()
+    stats["budget"] = stage_budget(per_task, budget)
     return examples, stats
 
 

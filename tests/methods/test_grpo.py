@@ -273,3 +273,56 @@ def test_grpo_with_lora_writes_a_merged_checkpoint(tmp_path, leafe_cache):
     assert not (ck / "adapter_config.json").exists() and list(ck.glob("*.safetensors"))  # merged
     model_info = json.loads((plan.dir(plan.stage("eval.grpo")) / "model.json").read_text())
     assert Path(model_info["policy"]["path"]).resolve() == ck.resolve()
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing")
+def test_grpo_killed_mid_iteration_resumes_without_losing_or_duplicating(tmp_path, leafe_cache, monkeypatch):
+    """The stage dies after an iteration's records were appended but before its state was
+    saved (the worst moment): the resumed run restarts TRL from its checkpoint, re-plays that
+    iteration once, and charges every interaction exactly once."""
+    import leafe.store
+    from leafe.plan import build_plan
+    from leafe.runner import run
+    from leafe.spec import load_spec
+
+    class Killed(Exception):
+        pass
+
+    # budget 13 with a 4-step reserve: 3 groups per task, 3 iterations, a TRL checkpoint each step
+    text = SPEC.replace("interactions_per_task: 9", "interactions_per_task: 13").replace(
+        "mini_batches: 1}", "mini_batches: 1, save_steps: 1}")
+    f = tmp_path / "grpo.yaml"
+    f.write_text(text)
+    loaded = load_spec(f)
+    real_write = leafe.store.atomic_write_json
+
+    def dies_on_second_iteration(path, data):
+        if Path(path).name == "rollouts.json" and data["iteration"] == 2:
+            raise Killed
+        return real_write(path, data)
+
+    monkeypatch.setattr(leafe.store, "atomic_write_json", dies_on_second_iteration)
+    with pytest.raises(Killed):
+        run(loaded, tmp_path / "runs", tmp_path / "reports", Console(file=io.StringIO(), width=150))
+    plan = build_plan(loaded, tmp_path / "runs")
+    stage = plan.dir(plan.stage("grpo.train"))
+    recs = [json.loads(line) for line in (stage / "records.jsonl").read_text().splitlines()]
+    assert {r["iteration"] for r in recs} == {0, 1}  # iteration 1's records were written...
+    assert json.loads((stage / "rollouts.json").read_text())["iteration"] == 1  # ...but not charged
+    assert list((stage / "trainer").glob("checkpoint-1")) or list(stage.rglob("checkpoint-1"))
+
+    monkeypatch.setattr(leafe.store, "atomic_write_json", real_write)
+    run(loaded, tmp_path / "runs", tmp_path / "reports", Console(file=io.StringIO(), width=150))
+    m = json.loads((stage / "metrics.json").read_text())
+    assert m["resumed"] is True and m["iterations"] == 3 and m["steps"] == 3
+    recs = [json.loads(line) for line in (stage / "records.jsonl").read_text().splitlines()]
+    eps = [r for r in recs if r["kind"] == "episode"]
+    assert Counter(r["iteration"] for r in eps) == {0: 4, 1: 4, 2: 4}
+    assert len({(r["task"], r["sample"]) for r in eps}) == len(eps)  # no episode twice
+    steps = [(r["task"], r["sample"], r["step"]) for r in recs if r["kind"] == "step"]
+    assert len(steps) == len(set(steps))
+    per_task = Counter()
+    for e in eps:
+        per_task[e["task"]] += e["interactions"]
+    assert m["budget"]["per_task"] == dict(per_task) and m["interactions"] == sum(per_task.values()) == 3 * 2 * 4
+    assert m["budget"]["max_per_task"] == 12 <= 13

@@ -430,6 +430,25 @@ def test_end_to_end_explore_distill_evaluate_and_resume(tmp_path, leafe_cache, s
     report = json.loads((tmp_path / "reports-ref" / "leafe-e2e.json").read_text())
     row = next(r for r in report["rows"] if r["method"] == "leafe")
     assert row["train_interactions"] == m["interactions"]
+    # budget accounting: leafe's own exploration plus what sft (its init) spent, per task
+    sft_m = json.loads((plan.dir(plan.stage("sft.train")) / "metrics.json").read_text())
+    b = row["budget"]
+    assert b["own"] == m["interactions"] and b["inherited"] == sft_m["interactions"] > 0
+    assert b["total"] == b["own"] + b["inherited"] and b["stages"] == {
+        "sft.train": sft_m["interactions"], "leafe.explore": m["interactions"]}
+    per_task = {t["task"]: t["interactions"] for t in trees}
+    assert m["budget"]["per_task"] == per_task and b["own_max_per_task"] == max(per_task.values()) <= 8
+    assert b["own_within"] is True
+    assert b["total_max_per_task"] == max(n + sft_m["budget"]["per_task"].get(t, 0) for t, n in per_task.items())
+    assert sum(sft_m["budget"]["per_task"].values()) == sft_m["interactions"]
+    assert next(r for r in report["rows"] if r["method"] == "sft")["budget"]["inherited"] == 0
+    manifest = json.loads((plan.root / "manifest.json").read_text())
+    assert manifest["budget"]["methods"]["leafe"] == b and manifest["budget"]["interactions_per_task"] == 8
+    from leafe.report import to_markdown
+
+    md = to_markdown(report)
+    line = next(ln for ln in md.splitlines() if ln.startswith("| leafe"))
+    assert "leafe ← sft" in line and f"{b['total']:,}" in line and f"{b['total_max_per_task']}/8" in line
 
     # interrupted after the first tree is written, then resumed: same trees, none lost or doubled
     from leafe.store import RecordLog

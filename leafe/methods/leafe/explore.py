@@ -299,6 +299,8 @@ class Explorer:
 
 def summarize(trees: list[dict], budget: int) -> dict:
     """Stage statistics over tree records."""
+    from leafe.budget import stage_budget
+
     nodes = [n for t in trees for n in t["nodes"]]
     outcomes: dict[str, int] = {}
     for n in nodes:
@@ -309,6 +311,7 @@ def summarize(trees: list[dict], budget: int) -> dict:
         "interactions": sum(t["interactions"] for t in trees),
         "max_task_interactions": max((t["interactions"] for t in trees), default=0),
         "interactions_per_task_budget": budget,
+        "budget": stage_budget({t["task"]: t["interactions"] for t in trees}, budget),
         "replay_steps": sum(t["replay_steps"] for t in trees),
         "reflections": sum(t["reflections"] for t in trees),
         "reflection_parse_failures": sum(t["reflection_parse_failures"] for t in trees),
