@@ -108,6 +108,14 @@ class EarlyExperienceConfig(MethodConfig):
     project's default.)"""
     temperature: float | None = Field(1.0, ge=0)
     """Sampling temperature of the alternatives (null: the policy's)."""
+    fill_admissible: bool = False
+    """When a state's K samples give fewer distinct valid alternatives than its quota, fill the
+    rest with actions drawn at random (seeded) from the environment's admissible actions of that
+    state (`Observation.admissible`, where the environment lists concrete actions; not
+    ScienceWorld's optional templates). Off by default: the
+    paper's alternatives are the starting policy's own samples; a small untrained policy may
+    propose no valid action at all, and then IWM sees only the expert's transitions and SR has
+    nothing to contrast. Alternatives record their `source` (policy or admissible)."""
     world_model_prompt: str = "Action: {{ action }}\nPredict the next observation."
     """`iwm`: appended (after a blank line) to the last user message of the state's prompt
     (variable `action`, the action rendered with `env.action.render`)."""
@@ -128,7 +136,7 @@ class EarlyExperienceConfig(MethodConfig):
         return _check(v)
 
 
-EXPLORE_FIELDS = ("variant", "alternatives", "temperature")
+EXPLORE_FIELDS = ("variant", "alternatives", "temperature", "fill_admissible")
 WORLD_MODEL_FIELDS = ("world_model_prompt", "world_model_expert", "max_observation_chars", "world_model_train")
 
 
@@ -150,6 +158,17 @@ def pick_alternatives(actions: list[str | None], expert: str, quota: int) -> lis
         if a and a != expert and a not in out and len(out) < quota:
             out.append(a)
     return out
+
+
+def fill_alternatives(picked: list[str], admissible: list[str] | None, expert: str, quota: int,
+                      seed: int) -> list[str]:
+    """Admissible actions (other than the expert's and those picked) drawn at random to bring
+    `picked` up to `quota`; [] when the environment lists none."""
+    import random
+
+    pool = [a for a in dict.fromkeys(admissible or []) if a != expert and a not in picked]
+    random.Random(seed).shuffle(pool)
+    return pool[: max(quota - len(picked), 0)]
 
 
 # -- stage: explore -----------------------------------------------------------------------------
@@ -180,7 +199,7 @@ def _collect(ctx, cfg: EarlyExperienceConfig, log) -> dict:
             history: list[dict] = []
             for i, action in enumerate(actions):
                 state = {"task": task, "step": i, "prefix": actions[:i], "expert_action": action,
-                         "goal": obs.task, "observation": obs.text,
+                         "goal": obs.task, "observation": obs.text, "admissible": obs.admissible,
                          "prompt": render_conversation(spec.env, obs, history, i), "snapshot": env.snapshot()}
                 result = env.step(action)
                 t["expert_steps"] += 1
@@ -225,15 +244,21 @@ def _collect(ctx, cfg: EarlyExperienceConfig, log) -> dict:
             for s, quota in zip(ss, alternative_quotas(len(ss), budget, cfg.alternatives)):
                 snap = s.pop("snapshot")
                 alts = pick_alternatives(s["sampled_actions"], s["expert_action"], quota)
+                n_policy = len(alts)
+                if cfg.fill_admissible:
+                    alts += fill_alternatives(alts, s["admissible"], s["expert_action"], quota,
+                                              derive_seed(spec.seed, ctx.stage.id, "fill", task, s["step"]))
+                    t["filled"] = t.get("filled", 0) + len(alts) - n_policy
                 log.append([{"kind": "state", **s, "executed": alts}])
-                for a in alts:
+                for i, a in enumerate(alts):
                     probe.restore(snap)
                     t["restores"] += 1
                     t["replay_steps"] += len(snap.actions) if snap.native is None else 0
                     r = probe.step(a)
                     t["alternatives"] += 1
                     log.append([{"kind": "alternative", "task": task, "step": s["step"], "prefix": s["prefix"],
-                                 "action": a, "observation": r.observation.text, "reward": r.reward,
+                                 "action": a, "source": "policy" if i < n_policy else "admissible",
+                                 "observation": r.observation.text, "reward": r.reward,
                                  "done": r.done, "success": r.success, "valid": r.valid}])
         for t in per_task.values():
             t["interactions"] = t["expert_steps"] + t["alternatives"]
@@ -246,6 +271,7 @@ def _collect(ctx, cfg: EarlyExperienceConfig, log) -> dict:
             "expert_successes": sum(t["success"] for t in rows), "states": len(states),
             "expert_steps": sum(t["expert_steps"] for t in rows),
             "alternatives_executed": sum(t["alternatives"] for t in rows),
+            "alternatives_filled": sum(t.get("filled", 0) for t in rows),
             "restores": sum(t["restores"] for t in rows), "replay_steps": sum(t["replay_steps"] for t in rows),
             "interactions": sum(t["interactions"] for t in rows),
             "max_task_interactions": max((t["interactions"] for t in rows), default=0),

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 
 from leafe.envs import env_class
-from leafe.methods.early_experience import alternative_quotas, pick_alternatives, strip_actions
+from leafe.methods.early_experience import alternative_quotas, fill_alternatives, pick_alternatives, strip_actions
 from leafe.plan import build_plan
 from leafe.runner import run
 from leafe.spec import load_spec
@@ -29,6 +29,17 @@ def test_alternatives_drop_the_expert_action_and_duplicates():
     assert pick_alternatives(["up", None, "up", "left", "down", "right"], "down", 8) == ["up", "left", "right"]
     assert pick_alternatives(["up", "left", "right"], "down", 2) == ["up", "left"]
     assert strip_actions("go <action>left</action> now", r"<action>\s*(.*?)\s*</action>") == "go  now"
+
+
+def test_fill_draws_other_admissible_actions_up_to_the_quota():
+    moves = ["up", "down", "left", "right"]
+    got = fill_alternatives(["up"], moves, "down", 3, seed=7)
+    assert sorted(got) == ["left", "right"]  # neither the expert's nor the picked action
+    assert fill_alternatives(["up"], moves, "down", 3, seed=7) == got  # seeded
+    assert len(fill_alternatives([], moves, "down", 1, seed=7)) == 1
+    assert len({tuple(fill_alternatives([], moves, "down", 2, seed=s)) for s in range(20)}) > 1  # random draws
+    assert fill_alternatives(["up"], None, "down", 3, seed=7) == []  # the env lists none
+    assert fill_alternatives(["up", "left"], moves, "down", 2, seed=7) == []  # quota already met
 
 
 # passthrough: the untrained tiny policy's replies reach the environment as (mostly unknown)
@@ -130,3 +141,26 @@ def test_iwm_and_sr_through_leafe_run(tmp_path: Path, leafe_cache):
     assert st["teacher"]["requests"] == sr_alts
     usage = json.loads((d("sr.reflect") / "usage.json").read_text())
     assert usage["teacher"]["samples"] == sr_alts
+
+
+def test_fill_admissible_executes_alternatives_a_silent_policy_never_proposes(tmp_path: Path, leafe_cache):
+    # strict parsing: the untrained tiny model never writes <action>...</action>, so without the
+    # fill no alternative would be executed
+    text = SPEC.replace("  action: {on_parse_failure: passthrough}\n", "").replace(
+        "    alternatives: 3\n    world_model_train", "    alternatives: 3\n    fill_admissible: true\n    world_model_train")
+    text = text[:text.index("  sr:")] + text[text.index("eval:"):]
+    f = tmp_path / "ee.yaml"
+    f.write_text(text)
+    loaded = load_spec(f)
+    run(loaded, tmp_path / "runs", tmp_path / "reports", Console(file=io.StringIO(), width=150))
+    plan = build_plan(loaded, tmp_path / "runs")
+    d = plan.dir(plan.stage("iwm.explore"))
+    m = _check_experience(d, loaded, 12)  # within budget, each replayed to the recorded outcome
+    records = RecordLog(d / "experience.jsonl").read()
+    states = [r for r in records if r["kind"] == "state"]
+    assert all(a is None for s in states for a in s["sampled_actions"])  # the policy proposed nothing
+    alts = [r for r in records if r["kind"] == "alternative"]
+    assert {a["source"] for a in alts} == {"admissible"} and m["alternatives_filled"] == len(alts)
+    assert all(a["action"] in ("up", "down", "left", "right") and a["valid"] for a in alts)
+    wm = json.loads((plan.dir(plan.stage("iwm.world_model")) / "metrics.json").read_text())
+    assert wm["examples_by_kind"]["world_model_alternative"] == len(alts)
