@@ -57,10 +57,11 @@ class MethodBudget(BaseModel):
     """Steps spent by the stages of the methods it starts from (`init:`, transitively)."""
     total: int
     """own + inherited."""
-    own_max_per_task: int
-    """The most one task cost the method's own stages (each method keeps this within budget)."""
-    total_max_per_task: int
-    """The most one task cost, own and inherited stages together."""
+    own_max_per_task: int | None
+    """The most one task cost the method's own stages (each method keeps this within budget);
+    None when a stage recorded only a total (written before per-task accounting)."""
+    total_max_per_task: int | None
+    """The most one task cost, own and inherited stages together (None: as above)."""
     own_within: bool | None
     """The own stages together kept every task within the budget (None: a stage recorded only
     a total, from before per-task accounting)."""
@@ -97,7 +98,7 @@ def method_budget(plan: "Plan", method: str, budget: int) -> dict:
     own = inherited = 0
     own_tasks: Counter = Counter()
     all_tasks: Counter = Counter()
-    own_max_known = True
+    own_max_known = all_known = True
     stages: dict[str, int] = {}
     pending: list[str] = []
     for sid in upstream_train_stages(plan, method):
@@ -117,6 +118,7 @@ def method_budget(plan: "Plan", method: str, budget: int) -> dict:
             inherited += n
         if per is None:
             own_max_known = own_max_known and not mine
+            all_known = False
             continue
         all_tasks.update(per)
         if mine:
@@ -124,6 +126,7 @@ def method_budget(plan: "Plan", method: str, budget: int) -> dict:
     own_max = max(own_tasks.values(), default=0)
     return MethodBudget(
         budget_per_task=budget, own=own, inherited=inherited, total=own + inherited,
-        own_max_per_task=own_max, total_max_per_task=max(all_tasks.values(), default=0),
+        own_max_per_task=own_max if own_max_known else None,
+        total_max_per_task=max(all_tasks.values(), default=0) if all_known else None,
         own_within=own_max <= budget if own_max_known else None, stages=stages, pending=pending,
     ).model_dump()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -116,16 +117,50 @@ def run(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[List
         _fail(e)
 
 
+def _load_source(path: Path, sets: list[str] | None):
+    """A spec file, or a run directory (runs/<name>/): the spec its manifest recorded."""
+    if not path.is_dir():
+        return _load(path, sets)
+    from leafe.spec.loader import Located, load_doc
+    from leafe.store import read_json
+
+    manifests = sorted(path.glob("manifest*.json"), key=lambda p: p.stat().st_mtime)
+    if not manifests:
+        raise UserError(f"{path}: not a run directory (no manifest.json); pass the spec file or "
+                        f"runs/<name>/ of a `leafe run`")
+    m = read_json(manifests[-1])
+    spec = dict(m["spec"])
+    order = m.get("method_order") or list(spec["methods"])  # the spec's row order
+    spec["methods"] = {k: spec["methods"][k] for k in order}
+    if m["spec"].get("seeds"):
+        spec["seed"] = m["spec"]["seeds"][0]
+    try:
+        return load_doc(Located(spec), sets or [], None)
+    except UserError as e:
+        raise UserError(f"{manifests[-1]}: its recorded spec does not load under leafe {leafe.__version__} "
+                        f"({e}); pass the spec file instead") from None
+
+
 @app.command()
-def report(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[List[str]] = SetOpt,
-           runs_dir: Path = RunsOpt, reports_dir: Path = ReportsOpt) -> None:
-    """Render the report from the records of finished evaluations."""
-    from leafe.plan import build_plan
+def report(sources: List[Path] = typer.Argument(..., help="Spec files or run directories (runs/<name>/); "
+                                                "several give one combined table."),
+           sets: Optional[List[str]] = SetOpt, runs_dir: Path = RunsOpt, reports_dir: Path = ReportsOpt,
+           name: Optional[str] = typer.Option(None, "--name", help="Name of a combined report "
+                                              "(reports/<name>.*; default: combined).")) -> None:
+    """Render the report from the records of finished evaluations: one spec's table, or one
+    combined table (a column group per environment x model) for several."""
     from leafe.report import write_reports
 
     try:
-        loaded = _load(spec, sets)
-        write_reports(loaded, build_plan(loaded, runs_dir), reports_dir, console)
+        loaded = [_load_source(s, sets) for s in sources]
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+            raise UserError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it names reports/<name>.*)")
+        runs = [s.parent if s.is_dir() else runs_dir for s in sources]
+        if len(set(runs)) > 1:
+            raise UserError("run directories from different runs folders: report them from one folder "
+                            "(--runs-dir) or one at a time")
+        write_reports(loaded if len(loaded) > 1 else loaded[0], runs[0], reports_dir, console,
+                      name=name)
     except UserError as e:
         _fail(e)
 

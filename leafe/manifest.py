@@ -56,8 +56,15 @@ def host() -> dict:
     return info
 
 
+def manifest_path(loaded: LoadedSpec, plan: Plan) -> Path:
+    """runs/<name>/manifest.json; one `manifest.seed-<N>.json` per seed of a multi-seed spec."""
+    if len(loaded.spec.run_seeds()) > 1:
+        return plan.root / f"manifest.seed-{loaded.spec.seed}.json"
+    return plan.root / "manifest.json"
+
+
 def write_manifest(loaded: LoadedSpec, plan: Plan) -> Path:
-    path = plan.root / "manifest.json"
+    path = manifest_path(loaded, plan)
     created = None
     if path.exists():
         try:
@@ -83,6 +90,7 @@ def write_manifest(loaded: LoadedSpec, plan: Plan) -> Path:
         "spec_file": str(loaded.file) if loaded.file else None,
         "spec": loaded.spec.model_dump(mode="json"),
         "methods": {k: v.model_dump(mode="json") for k, v in loaded.methods.items()},
+        "method_order": list(loaded.methods),  # JSON objects are written with sorted keys
         "env_options": loaded.env_options.model_dump(mode="json"),
         "seeds": {"master": loaded.spec.seed,
                   "derivation": "sha256 of (master, stage, chunk/turn names); see leafe.seeds"},

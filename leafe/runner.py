@@ -40,10 +40,22 @@ def run_lock(root: Path):
 
 def run(loaded: LoadedSpec, runs_dir: Path | str = "runs", reports_dir: Path | str = "reports",
         console: Console | None = None) -> dict:
+    """Run the experiment under each of its master seeds (`Spec.run_seeds`), then write the
+    report over all of them."""
+    console = console or Console()
+    per_seed = loaded.per_seed()
+    for one in per_seed:
+        if len(per_seed) > 1:
+            console.print(f"[bold]seed {one.spec.seed}[/bold]")
+        run_one(one, runs_dir, console)
+    return write_reports(loaded, runs_dir, reports_dir, console)
+
+
+def run_one(loaded: LoadedSpec, runs_dir: Path | str, console: Console) -> Plan:
+    """Every stage of one seed's plan that is not done, in order."""
     from leafe.progress import quiet_libraries, run_logging
 
     quiet_libraries()
-    console = console or Console()
     plan = build_plan(loaded, runs_dir)
     with run_lock(plan.root), run_logging(console, plan.root / "leafe.log"):
         write_manifest(loaded, plan)
@@ -72,8 +84,7 @@ def run(loaded: LoadedSpec, runs_dir: Path | str = "runs", reports_dir: Path | s
                 stage.run(ctx)
             atomic_write_text(d / "DONE", f"{time.perf_counter() - t0:.1f} s\n")
             write_manifest(loaded, plan)
-        data = write_reports(loaded, plan, reports_dir, console)
-    return data
+    return plan
 
 
 def _preflight(loaded: LoadedSpec, console: Console) -> None:

@@ -1,56 +1,282 @@
-"""Report cells: best per column in bold with ties honoured; missing evaluations say so."""
+"""Reports: every format shows the numbers a recomputation from the raw records gives; best per
+column in bold with ties; missing cells say so; seeds, bootstrap intervals, combined tables;
+the HTML renders in headless Chromium; the LaTeX compiles (or is checked structurally)."""
 
-from leafe.report import _cells, to_markdown
+from __future__ import annotations
+
+import io
+import json
+import math
+import random
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from leafe.cli import app
+from leafe.plan import build_plan
+from leafe.report import latex_document, main_table, to_markdown, write_reports
+from leafe.report.data import bootstrap_ci, curve_ks
+from leafe.spec import load_spec
+from leafe.store import atomic_write_json
+
+SPEC = """\
+leafe: 1
+name: {name}
+seeds: [0, 1]
+env: {{use: sokoban, max_steps: 4, train_tasks: 3, test_tasks: 5}}
+models:
+  policy: {{name: "{model}", max_tokens: 6}}
+budget: {{interactions_per_task: 10}}
+methods:
+  base: {{}}
+  sft: {{}}
+{extra}eval: {{samples: 4, k: [1, 2, 4]}}
+report: {{formats: [md, json, tex, html]}}
+"""
 
 
-def row(name, p1, p2, succ):
-    return {"method": name, "pass@k": {"1": p1, "2": p2}, "pass^k": {"2": p1 / 2}, "success_rate": succ,
-            "mean_steps": 3.0, "prompt_tokens": 100, "completion_tokens": 20, "train_interactions": 5,
-            "tasks": 4}
+def write_spec(tmp_path: Path, name="rep", model="leafe:tiny-qwen2", extra="  rft: {init: sft}\n") -> Path:
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(SPEC.format(name=name, model=model, extra=extra))
+    return f
+
+
+def fake_records(loaded, runs: Path, rates: dict[str, float], skip: tuple[str, ...] = ()) -> dict:
+    """Finished evaluation (and sft training) stages with random outcomes per seed; returns
+    {(method, seed): {task: successes}} as written."""
+    written = {}
+    for one in loaded.per_seed():
+        plan = build_plan(one, runs)
+        tr = plan.dir(plan.stage("sft.train"))
+        tr.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(tr / "metrics.json", {"interactions": 7, "budget": {
+            "budget_per_task": 10, "interactions": 7, "max_per_task": 3, "within": True,
+            "per_task": {"train-00000": 3, "train-00001": 2, "train-00002": 2}}})
+        atomic_write_json(tr / "train_log.json", [{"step": i, "loss": 2.0 / i} for i in range(1, 6)])
+        (tr / "DONE").write_text("")
+        for method, rate in rates.items():
+            if method in skip:
+                continue
+            rng = random.Random(f"{method}-{one.spec.seed}")
+            d = plan.dir(plan.stage(f"eval.{method}"))
+            d.mkdir(parents=True, exist_ok=True)
+            recs, per = [], {}
+            for t in range(5):
+                task = f"test-{t:05d}"
+                for s in range(4):
+                    ok = rng.random() < rate
+                    per[task] = per.get(task, 0) + ok
+                    recs.append({"kind": "episode", "task": task, "sample": s, "success": ok, "steps": 3,
+                                 "prompt_tokens": 10, "completion_tokens": 2, "interactions": 3})
+            (d / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+            (d / "DONE").write_text("")
+            written[(method, one.spec.seed)] = per
+    return written
+
+
+def recompute(written: dict, method: str, k: int, seeds=(0, 1)) -> tuple[float, float | None, list[float]]:
+    """pass@k mean and std over seeds, and each task's value averaged over seeds, from the
+    successes per task (n = 4), with the textbook estimator."""
+    per_seed, per_task = [], []
+    tasks = sorted(written[(method, seeds[0])])
+    for s in seeds:
+        vals = [1 - math.comb(4 - written[(method, s)][t], k) / math.comb(4, k) for t in tasks]
+        per_seed.append(sum(vals) / len(vals))
+    for t in tasks:
+        per_task.append(sum(1 - math.comb(4 - written[(method, s)][t], k) / math.comb(4, k) for s in seeds) / len(seeds))
+    mean = sum(per_seed) / len(per_seed)
+    std = float(np.std(per_seed, ddof=1)) if len(seeds) > 1 else None
+    return mean, std, per_task
+
+
+def test_bootstrap_interval_and_curve_points():
+    v = np.array([0.0, 1.0, 1.0, 0.5])
+    lo, hi = bootstrap_ci(v, 0.95, 2000)
+    assert 0.0 <= lo < v.mean() < hi <= 1.0
+    assert bootstrap_ci(v, 0.95, 2000) == (lo, hi)  # seeded: reproducible
+    assert bootstrap_ci(np.array([0.5] * 6), 0.9, 500) == (0.5, 0.5)
+    lo90, hi90 = bootstrap_ci(v, 0.5, 2000)
+    assert lo <= lo90 and hi90 <= hi  # a lower level gives a narrower interval
+    assert curve_ks(8, [1, 3]) == [1, 2, 3, 4, 8] and curve_ks(6, [1, 2]) == [1, 2, 4, 6]
 
 
 def test_bold_best_with_ties_and_missing_rows():
-    data = {"name": "r", "env": "sokoban", "model": "m", "k": [1, 2], "samples": 2, "generated": "now",
-            "rows": [row("a", 0.5, 0.75, 0.5), row("b", 0.5, 0.5, 0.25), row("c", 0.0, 0.0, 0.0),
-                     {"method": "d", "status": "todo", "train_interactions": 0}]}
-    header, body = _cells(data)
-    assert header[:3] == ["method", "pass@1", "pass@2"]
-    a, b, c, d = body
-    assert a[1] == b[1] == "**50.0**"  # tie: both bold
-    assert a[2] == "**75.0**" and b[2] == "50.0"
-    assert c[1] == "0.0"
-    assert d[1:] == ["(not run)"] * (len(header) - 1)
-    md = to_markdown(data)
-    assert "| d " in md and "(not run)" in md
+    def row(name, p1, p2, succ):
+        return {"method": name, "pass@k": {"1": p1, "2": p2}, "pass^k": {"2": p1 / 2}, "success_rate": succ,
+                "mean_steps": 3.0, "prompt_tokens": 100, "completion_tokens": 20, "train_interactions": 5,
+                "tasks": 4}
+
+    group = {"name": "r", "env": "sokoban", "model": "m", "k": [1, 2], "samples": 2, "generated": "now",
+             "rows": [row("a", 0.5, 0.75, 0.5), row("b", 0.5, 0.5, 0.25), row("c", 0.0, 0.0, 0.0),
+                      {"method": "d", "status": "todo", "train_interactions": 0}]}
+    t = main_table(group)
+    assert t.header[:3] == ["method", "pass@1", "pass@2"]
+    a, b, c, d = t.rows
+    assert a[1].bold and b[1].bold and a[1].text == "50.0"  # tie: both bold
+    assert a[2].bold and not b[2].bold
+    assert not c[1].bold and c[1].text == "0.0"
+    assert [x.text for x in d[1:]] == ["(not run)"] * (len(t.header) - 1)
+    md = to_markdown(group)
+    assert "| d " in md and "(not run)" in md and "**50.0**" in md
+    zero = main_table(group | {"rows": [row("a", 0.0, 0.0, 0.0)]})
+    assert not any(cell.bold for cell in zero.rows[0])  # an all-zero column has no bold
 
 
-def test_all_zero_column_has_no_bold():
-    data = {"name": "r", "env": "e", "model": "m", "k": [1], "samples": 1, "generated": "now",
-            "rows": [row("a", 0.0, 0.0, 0.0) | {"pass@k": {"1": 0.0}, "pass^k": {"1": 0.0}}]}
-    _, body = _cells(data)
-    assert "**" not in "".join(body[0])
+def _cells_of_md(md: str, method: str) -> list[str]:
+    line = next(x for x in md.splitlines() if x.startswith(f"| {method} "))
+    return [c.strip() for c in line.strip("|").split("|")]
 
 
-def s1_row(name, rates, solved, max_attempts=4):
-    return {"method": name, "variant": "rollback", "status": "done", "max_attempts": max_attempts, "tasks": 4,
-            "pass@k": rates, "solved": solved, "fixed_by_branch": 0.25, "trajectories": 9, "interactions": 1234,
-            "replay_steps": 3, "reflections": 5, "reflection_parse_failures": 1, "branches": 5}
+def test_every_format_agrees_with_a_recomputation_from_the_records(tmp_path):
+    f = write_spec(tmp_path)
+    loaded = load_spec(f)
+    written = fake_records(loaded, tmp_path / "runs", {"base": 0.2, "sft": 0.6}, skip=())
+    out = io.StringIO()
+    data = write_reports(loaded, tmp_path / "runs", tmp_path / "reports", Console(file=out, width=250))
+    rep = tmp_path / "reports"
+    assert sorted(p.name for p in rep.iterdir()) == sorted(
+        ["rep.md", "rep.json", "rep.tex", "rep.html", "rep.passk.svg", "rep.training.svg"])
+    js = json.loads((rep / "rep.json").read_text())
+    md = (rep / "rep.md").read_text()
+    tex = (rep / "rep.tex").read_text()
+    html = (rep / "rep.html").read_text()
+    term = out.getvalue()
+    assert js["report_version"] == 4 and js["seeds"] == [0, 1]
+    rows = {r["method"]: r for r in js["rows"]}
+    best = {k: max(recompute(written, m, k)[0] for m in ("base", "sft")) for k in (1, 2, 4)}
+    for method in ("base", "sft"):
+        r = rows[method]
+        assert r["status"] == "done" and r["seeds_done"] == [0, 1] and r["tasks"] == 5
+        md_cells = _cells_of_md(md, method)
+        tex_line = next(x for x in tex.splitlines() if x.startswith(f"{method} &"))
+        term_line = next(x for x in term.splitlines() if x.strip().startswith(method))
+        for i, k in enumerate((1, 2, 4)):
+            mean, std, per_task = recompute(written, method, k)
+            lo, hi = np.quantile(np.array(per_task)[np.random.default_rng(0).integers(0, 5, (1000, 5))].mean(1),
+                                 [0.025, 0.975])
+            st = r["pass@k_stats"][str(k)]
+            assert r["pass@k"][str(k)] == pytest.approx(mean) and st["std"] == pytest.approx(std)
+            assert st["ci"] == pytest.approx([lo, hi])
+            shown = f"{100 * mean:.1f}"
+            extra = f"± {100 * std:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+            bold = abs(mean - best[k]) < 1e-12 and mean > 0
+            assert md_cells[1 + i] == (f"**{shown}**" if bold else shown) + " " + extra
+            tex_cell = tex_line.split(" & ")[1 + i]
+            assert tex_cell.startswith(rf"\textbf{{{shown}}}" if bold else shown)
+            assert f"[{100 * lo:.1f}, {100 * hi:.1f}]" in tex_cell
+            num = f"<b>{shown}</b>" if bold else shown
+            assert f'<td class="r">{num} <span class="ci">{extra}</span></td>' in html
+            assert shown in term_line
+        # the curve's points at the spec's k are the table's numbers
+        assert r["curve"]["4"]["mean"] == pytest.approx(r["pass@k"]["4"])
+    # rft never ran: every format says so; sft's budget is 7 own interactions, rft inherits them
+    assert rows["rft"]["status"] == "todo" and "pass@k" not in rows["rft"]
+    assert "(not run)" in _cells_of_md(md, "rft ← sft") and "(not run)" in tex and "(not run)" in html
+    assert rows["sft"]["budget"]["own"] == 7 and rows["rft"]["budget"]["inherited"] == 7
+    assert _cells_of_md(md, "sft")[-3:] == ["7", "7", "3/10"]
+    assert data["name"] == "rep" and "report written" in term
 
 
-def test_stage1_table_marks_k_beyond_max_attempts_and_the_best_rates():
-    from leafe.report import _stage1_cells
+def test_latex_compiles_or_is_structurally_sound(tmp_path):
+    f = write_spec(tmp_path, extra="  leafe: {use: leafe, init: sft}\n")
+    loaded = load_spec(f)
+    fake_records(loaded, tmp_path / "runs", {"base": 0.3, "sft": 0.5, "leafe": 0.5})
+    write_reports(loaded, tmp_path / "runs", tmp_path / "reports", None)
+    tex = (tmp_path / "reports" / "rep.tex").read_text()
+    # structure: balanced environments, every row has as many cells as the tabular has columns
+    assert tex.count(r"\begin{table}") == tex.count(r"\end{table}") == 2  # main + Stage 1
+    for spec_cols, body in re.findall(r"\\begin\{tabular\}\{([lr]+)\}(.*?)\\end\{tabular\}", tex, re.S):
+        lines = [x for x in body.splitlines() if x.endswith(r"\\")]
+        assert lines and all(len(x[:-2].split(" & ")) == len(spec_cols) for x in lines), body
+        assert r"\toprule" in body and r"\midrule" in body and r"\bottomrule" in body
+    assert "leafe $\\leftarrow$ sft" in tex and "pass$^{4}$" in tex and "max\\_attempts" in tex
+    if shutil.which("pdflatex") is None:
+        return  # no TeX engine here (.ci/run installs one, so CI compiles)
+    doc = tmp_path / "doc.tex"
+    doc.write_text(latex_document(tex))
+    r = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", doc.name], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-3000:]
+    assert (tmp_path / "doc.pdf").stat().st_size > 1000
 
-    s1 = {"k": [1, 2, 4], "budget": 24, "rows": [
-        s1_row("a", {"1": 0.25, "2": 0.5, "4": 0.75}, 0.75),
-        s1_row("b", {"1": 0.5, "2": 0.5}, 0.5, max_attempts=2),  # no k = 4 for two attempts
-        {"method": "c", "variant": "independent", "status": "partial", "max_attempts": 4}]}
-    header, (a, b, c) = _stage1_cells(s1)
-    assert header[:7] == ["method", "exploration", "pass@1", "pass@2", "pass@4", "solved", "fixed by branch"]
-    assert a[2:7] == ["25.0", "**50.0**", "**75.0**", "**75.0**", "**25.0**"]
-    assert b[2:7] == ["**50.0**", "**50.0**", "–", "50.0", "**25.0**"]
-    assert a[7:] == ["9", "1,234", "3", "5", "1", "5"]
-    assert c[2:] == ["(not run)"] + ["–"] * (len(header) - 3)
-    data = {"name": "r", "env": "e", "model": "m", "k": [1], "samples": 1, "generated": "now", "rows": [],
-            "stage1": s1}
-    assert "## Stage 1 (exploration on the train tasks)" in to_markdown(data)
-    assert "Stage 1" not in to_markdown(data | {"stage1": {"k": [], "budget": 24, "rows": []}})
+
+def test_combined_report_of_two_specs_through_the_cli(tmp_path, monkeypatch):
+    a = load_spec(write_spec(tmp_path, name="alpha"))
+    b = load_spec(write_spec(tmp_path, name="beta", model="leafe:smollm2-135m-instruct",
+                             extra="  grpo: {use: grpo-verl-agent}\n"))
+    wa = fake_records(a, tmp_path / "runs", {"base": 0.1, "sft": 0.7, "rft": 0.4})
+    fake_records(b, tmp_path / "runs", {"base": 0.2, "sft": 0.3}, skip=("grpo",))
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(app, ["report", "alpha.yaml", "beta.yaml", "--name", "both", "--runs-dir", "runs",
+                                 "--reports-dir", "out"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((tmp_path / "out" / "both.json").read_text())
+    assert data["combined"] and [g["label"] for g in data["groups"]] == [
+        "sokoban / tiny-qwen2", "sokoban / smollm2-135m-instruct"]
+    md = (tmp_path / "out" / "both.md").read_text()
+    assert "(A) sokoban / tiny-qwen2; (B) sokoban / smollm2-135m-instruct" in md
+    rft = _cells_of_md(md, "rft")
+    assert rft[1].startswith(f"{100 * recompute(wa, 'rft', 1)[0]:.1f}") and rft[5:] == ["n/a"] * 4  # not in beta
+    grpo = _cells_of_md(md, "grpo")
+    assert grpo[1:5] == ["n/a"] * 4 and grpo[5] == "(not run)"  # in beta, not evaluated
+    tex = (tmp_path / "out" / "both.tex").read_text()
+    assert r"\multicolumn{4}{c}{sokoban / tiny-qwen2}" in tex and r"\cmidrule(lr){2-5}" in tex
+    # a run directory works as a source (the spec its manifest recorded)
+    from leafe.manifest import write_manifest
+
+    for one in a.per_seed():
+        write_manifest(one, build_plan(one, tmp_path / "runs"))
+    r = CliRunner().invoke(app, ["report", "runs/alpha", "--reports-dir", "out2"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "out2" / "alpha.json").read_text())["rows"][1]["pass@k"] == \
+        json.loads((tmp_path / "out" / "both.json").read_text())["groups"][0]["rows"][1]["pass@k"]
+    r = CliRunner().invoke(app, ["report", "runs"])
+    assert r.exit_code == 2 and "not a run directory" in r.output
+
+
+def test_html_report_renders_in_headless_chromium(tmp_path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no Chromium here (.ci/run installs Debian's chromium)")
+    from playwright.sync_api import sync_playwright
+
+    f = write_spec(tmp_path, extra="  leafe: {use: leafe, init: sft}\n")
+    loaded = load_spec(f)
+    fake_records(loaded, tmp_path / "runs", {"base": 0.3, "sft": 0.5, "leafe": 0.6})
+    data = write_reports(loaded, tmp_path / "runs", tmp_path / "reports", None)
+    page_file = tmp_path / "reports" / "rep.html"
+    html = page_file.read_text()
+    # self-contained: nothing fetched (namespace URIs in the SVG metadata are names, not fetches)
+    assert not re.search(r'(src|href)="(https?:)?//|url\((?!#)|<link|<script|<img', html)
+    shot = tmp_path / "report.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(page_file.as_uri())
+            assert page.title() == "rep — leafe report"
+            tables = page.locator("table.leafe")
+            assert tables.count() == 2  # main + Stage 1
+            main = tables.nth(0)
+            assert main.locator("tbody tr").count() == 3
+            first = [c.strip() for c in main.locator("tbody tr").nth(1).locator("td").all_inner_texts()]
+            sft = next(r for r in data["rows"] if r["method"] == "sft")
+            assert first[0] == "sft" and first[1].startswith(f"{100 * sft['pass@k']['1']:.1f}")
+            figs = page.locator("figure svg")
+            assert figs.count() == 2  # Pass@k curves and training (no Stage 1 trees were written)
+            for i in range(figs.count()):
+                box = figs.nth(i).bounding_box()
+                assert box and box["width"] > 200 and box["height"] > 100  # actually laid out
+            assert page.locator("#plot-passk").inner_text().count("sft") >= 1  # legend text is text
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 20_000

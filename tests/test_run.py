@@ -11,6 +11,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 
 from leafe.metrics import episode_metrics
@@ -165,3 +166,28 @@ def test_sigkill_mid_eval_resumes_to_identical_records(tmp_path, leafe_cache):
     u_got, u_ref = m_got.pop("usage")["policy"], m_ref.pop("usage")["policy"]
     assert m_got == m_ref
     assert u_got["samples"] >= u_ref["samples"] == sum(r["kind"] == "step" for r in ref)
+
+
+def test_several_seeds_run_apart_and_report_mean_and_std(tmp_path, leafe_cache):
+    f = tmp_path / "seeds.yaml"
+    f.write_text(SPEC.replace("name: e2e", "name: seeds").replace("  sft: {train: {epochs: 1, lr: 0.001, batch_size: 4}}\n", "")
+                 + "seeds: [0, 1]\n")
+    loaded = load_spec(f)
+    data = run(loaded, tmp_path / "runs", tmp_path / "reports", Console(file=io.StringIO(), width=150))
+    root = tmp_path / "runs" / "seeds"
+    evals = sorted(root.glob("eval.base-*"))
+    assert len(evals) == 2 and all((d / "DONE").exists() for d in evals)  # one evaluation per seed
+    assert sorted(p.name for p in root.glob("manifest*.json")) == ["manifest.seed-0.json", "manifest.seed-1.json"]
+    row = data["rows"][0]
+    assert row["seeds_done"] == [0, 1] and data["seeds"] == [0, 1]
+    per_seed = []
+    for d in evals:
+        recs = records(d)
+        check_records(recs, tasks=3, samples=4)
+        eps = [r for r in recs if r["kind"] == "episode"]
+        per_seed.append(sum(e["success"] for e in eps) / len(eps))
+    assert sorted(s["success_rate"] for s in row["per_seed"]) == pytest.approx(sorted(per_seed))
+    assert row["success_rate"] == pytest.approx(sum(per_seed) / 2)
+    assert row["pass@k_stats"]["1"]["std"] is not None
+    # the records of the two seeds differ (seeds are not shared)
+    assert records(evals[0]) != records(evals[1])

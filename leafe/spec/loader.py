@@ -283,6 +283,16 @@ class LoadedSpec:
         w = self.doc.locate(path)
         return f"{w[0]}:{w[1]}" if w else "<spec>"
 
+    def with_seed(self, seed: int) -> "LoadedSpec":
+        """This spec under master seed `seed` (one run of a multi-seed experiment)."""
+        import dataclasses
+
+        return dataclasses.replace(self, spec=self.spec.model_copy(update={"seed": seed}))
+
+    def per_seed(self) -> list["LoadedSpec"]:
+        """One LoadedSpec per master seed the experiment runs under (`Spec.run_seeds`)."""
+        return [self.with_seed(s) for s in self.spec.run_seeds()]
+
 
 def load_spec(file: str | Path, overrides: list[str] | None = None) -> LoadedSpec:
     """Read, merge and validate a spec file. Raises SpecError listing every problem."""

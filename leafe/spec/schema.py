@@ -300,10 +300,18 @@ class EvalSpec(Strict):
 
 
 class ReportSpec(Strict):
-    """Which report formats `leafe run` and `leafe report` write to `reports/`."""
+    """What `leafe run` and `leafe report` write to `reports/` (see `leafe.report`)."""
 
-    formats: list[Literal["md", "json"]] = Field(default_factory=lambda: ["md"])
-    """Output formats besides the terminal table."""
+    formats: list[Literal["md", "json", "tex", "html"]] = Field(
+        default_factory=lambda: ["md", "json", "tex", "html"])
+    """Output formats besides the terminal table: Markdown (with an SVG Pass@k plot beside it),
+    versioned JSON, a LaTeX booktabs table, one self-contained HTML file with inline SVG plots."""
+    ci: float = Field(0.95, gt=0, lt=1)
+    """Confidence level of the bootstrap interval over test tasks."""
+    bootstrap: int = Field(1000, ge=100)
+    """Bootstrap resamples (seeded: the same records give the same interval)."""
+    plots: bool = True
+    """Draw the plots (Pass@k curves, LEAFE Stage 1 statistics, training curves)."""
 
 
 class Spec(Strict):
@@ -315,6 +323,10 @@ class Spec(Strict):
     """Experiment name: the run directory `runs/<name>/` and report `reports/<name>.*`."""
     seed: int = 0
     """Master seed; every stage derives its seeds from it."""
+    seeds: list[int] | None = Field(None, min_length=1)
+    """Run the whole experiment once per master seed (replaces `seed`); the report shows the
+    mean ± std across seeds. Each seed's stages are keyed apart, so adding a seed reuses the
+    others' results."""
     env: EnvSpec
     """The environment."""
     models: ModelsSpec
@@ -327,7 +339,11 @@ class Spec(Strict):
     eval: EvalSpec = Field(default_factory=EvalSpec)
     """Evaluation."""
     report: ReportSpec = Field(default_factory=ReportSpec)
-    """Report formats."""
+    """Report formats and statistics."""
+
+    def run_seeds(self) -> list[int]:
+        """The master seeds the experiment runs under: `seeds`, else `[seed]`."""
+        return list(dict.fromkeys(self.seeds)) if self.seeds else [self.seed]
 
     @field_validator("leafe")
     @classmethod

@@ -278,8 +278,8 @@ def test_report_has_a_stage1_table_recomputed_from_the_trees(tmp_path):
     assert data["stage1"] == s1
 
     md = (tmp_path / "reports" / "stage1-report.md").read_text()
-    assert "## Stage 1 (exploration on the train tasks)" in md
-    table = md.split("## Stage 1", 1)[1]
+    assert "## stage1-report — Stage 1 (exploration on the train tasks, %)" in md
+    table = md.split("— Stage 1 (", 1)[1]
     line = next(x for x in table.splitlines() if x.startswith("| leafe "))
     cells = [c.strip() for c in line.strip("|").split("|")]
     r = rows["leafe"]
@@ -295,7 +295,7 @@ def test_report_has_a_stage1_table_recomputed_from_the_trees(tmp_path):
 
 def test_report_without_leafe_methods_has_no_stage1_table(tmp_path):
     from leafe.plan import build_plan
-    from leafe.report import collect, to_markdown, to_rich_stage1
+    from leafe.report import collect, stage1_table, to_markdown
     from leafe.spec import load_spec
 
     f = tmp_path / "s.yaml"
@@ -303,7 +303,7 @@ def test_report_without_leafe_methods_has_no_stage1_table(tmp_path):
     loaded = load_spec(f)
     data = collect(loaded, build_plan(loaded, tmp_path / "runs"))
     assert data["stage1"]["rows"] == []
-    assert "Stage 1" not in to_markdown(data) and to_rich_stage1(data) is None
+    assert "Stage 1" not in to_markdown(data) and stage1_table(data) is None
 
 
 STAGE_SPEC = """\

@@ -21,6 +21,7 @@ Definitions (per LEAFE method, over its train tasks):
 - *Fixed by a branch*: the fraction of tasks whose root failed and a branch (a node with a
   parent) succeeded, i.e. the tasks reflection with rollback (or restart) recovered; always 0
   under independent sampling, which has no branches.
+- By depth: trajectories run and successes per tree depth (0: the roots).
 - Totals over the tasks: trajectories, interactions (policy-chosen environment steps, the
   budgeted quantity), replayed steps (restoring branch starts, not budgeted), reflections,
   reflection parse failures, branches.
@@ -71,7 +72,19 @@ def exploration_stats(trees: list[dict], ks: Iterable[int]) -> dict:
         "reflections": sum(t["reflections"] for t in trees),
         "reflection_parse_failures": sum(t["reflection_parse_failures"] for t in trees),
         "branches": sum(x["parent"] is not None for t in trees for x in t["nodes"]),
+        "by_depth": _by_depth(trees),
     }
+
+
+def _by_depth(trees: list[dict]) -> dict[str, dict[str, int]]:
+    """Per tree depth (0: the roots): trajectories run there and how many succeeded."""
+    out: dict[str, dict[str, int]] = {}
+    for t in trees:
+        for n in trajectories(t):
+            d = out.setdefault(str(n["depth"]), {"trajectories": 0, "successes": 0})
+            d["trajectories"] += 1
+            d["successes"] += n["outcome"] == "success"
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
 
 
 def variant(cfg) -> str:

@@ -1,0 +1,220 @@
+"""The report's data, recomputed from run records only (evaluation episodes, training metrics,
+LEAFE trees, trainer logs); never from models or trainers.
+
+One spec gives one *group*: its methods as rows under its environment and policy, over every
+master seed it ran under (`Spec.run_seeds`). Several specs give a combined report: one group
+each, rendered as column groups (environment x model) of one table.
+
+Statistics:
+- Pass@k: the unbiased estimator (`leafe.metrics.pass_at_k`) averaged over test tasks, per seed;
+  with several seeds the cell is the mean over seeds and `std` their sample standard deviation.
+- Confidence interval: percentile bootstrap over test tasks (`report.bootstrap` resamples,
+  level `report.ci`, fixed generator seed so a report is reproducible) of the mean of the
+  per-task pass@k, each task's value averaged over the seeds first.
+- Curve: pass@k with its interval for k = 1, 2, 4, ... up to the samples per task (and n).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+
+import numpy as np
+
+from leafe.budget import method_budget
+from leafe.metrics import episode_metrics, pass_at_k_per_task, pass_hat_k
+from leafe.plan import Plan, build_plan
+from leafe.spec.loader import LoadedSpec
+from leafe.stage import read_episodes
+from leafe.store import read_json
+
+REPORT_VERSION = 4  # 2: `stage1`; 3: `init`, `budget` per row; 4: seeds, CIs, curves, training, groups
+
+
+def bootstrap_ci(values: np.ndarray, level: float, resamples: int, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean of `values` (one per task).
+
+    Written here rather than taken from scipy.stats.bootstrap: it is five lines of numpy and
+    scipy would join the light core (`leafe report` runs without the training extras)."""
+    if len(values) == 0:
+        return (float("nan"), float("nan"))
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(values), size=(resamples, len(values)))
+    means = values[idx].mean(axis=1)
+    a = (1.0 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1.0 - a))
+
+
+def curve_ks(n: int, ks: list[int]) -> list[int]:
+    """k values of the Pass@k curve: powers of two up to n, the spec's k values, and n."""
+    out = {k for k in ks if k <= n} | {n}
+    k = 1
+    while k <= n:
+        out.add(k)
+        k *= 2
+    return sorted(out)
+
+
+def _seed_plans(loaded: LoadedSpec, runs_dir: Path | str) -> list[tuple[int, LoadedSpec, Plan]]:
+    return [(one.spec.seed, one, build_plan(one, runs_dir)) for one in loaded.per_seed()]
+
+
+def _usage(plan: Plan, method: str) -> dict[str, dict]:
+    """Model usage per role, summed over the method's stages."""
+    usage: dict[str, dict] = {}
+    for s in plan.stages:
+        uf = plan.dir(s) / "usage.json"
+        if s.method != method or not uf.exists():
+            continue
+        for role, u in read_json(uf).items():
+            tot = usage.setdefault(role, {})
+            for k, v in u.items():
+                tot[k] = round(tot.get(k, 0) + v, 3)
+    return usage
+
+
+def _row(loaded: LoadedSpec, name: str, seeds: list[tuple[int, LoadedSpec, Plan]]) -> dict:
+    spec, rep = loaded.spec, loaded.spec.report
+    ks = sorted(spec.eval.k)
+    row: dict = {"method": name, "type": loaded.method_types[name], "init": loaded.methods[name].init,
+                 "seeds": [s for s, _, _ in seeds]}
+    per_seed = []
+    for seed, _, plan in seeds:
+        ev = plan.stage(f"eval.{name}")
+        status = plan.status(ev)
+        entry = {"seed": seed, "status": status,
+                 "budget": method_budget(plan, name, spec.budget.interactions_per_task),
+                 "usage": _usage(plan, name)}
+        if status == "done":
+            m = episode_metrics(read_episodes(plan.dir(ev)), ks)
+            entry.update(m)
+        per_seed.append(entry)
+    done = [e for e in per_seed if e["status"] == "done"]
+    row["status"] = "done" if len(done) == len(per_seed) else (
+        "partial" if done or any(e["status"] == "partial" for e in per_seed) else "todo")
+    row["seeds_done"] = [e["seed"] for e in done]
+    row["per_seed"] = [{k: v for k, v in e.items() if k != "per_task"} for e in per_seed]
+    first = per_seed[0]
+    row["budget"], row["usage"] = first["budget"], first["usage"]  # the first seed's, as in one-seed runs
+    row["train_interactions"] = first["budget"]["own"]
+    if not done:
+        return row
+    # tasks every finished seed evaluated (the same test split under every seed)
+    tasks = sorted(set.intersection(*(set(e["per_task"]) for e in done)))
+    ns = np.array([[e["per_task"][t]["n"] for t in tasks] for e in done])
+    cs = np.array([[e["per_task"][t]["c"] for t in tasks] for e in done])
+    n_min = int(ns.min()) if ns.size else 0
+    row["tasks"] = len(tasks)
+    row["samples_per_task"] = n_min
+
+    def per_task(k: int) -> np.ndarray:  # (seeds, tasks)
+        return np.array([pass_at_k_per_task(list(n), list(c), k) for n, c in zip(ns, cs)])
+
+    def summary(k: int) -> dict:
+        v = per_task(k)
+        by_seed = v.mean(axis=1)
+        lo, hi = bootstrap_ci(v.mean(axis=0), rep.ci, rep.bootstrap)
+        return {"mean": float(by_seed.mean()), "std": float(by_seed.std(ddof=1)) if len(done) > 1 else None,
+                "ci": [lo, hi], "by_seed": [float(x) for x in by_seed]}
+
+    row["pass@k"] = {}
+    row["pass@k_stats"] = {}
+    for k in ks:
+        if k > n_min:
+            continue
+        st = summary(k)
+        row["pass@k"][str(k)] = st["mean"]
+        row["pass@k_stats"][str(k)] = st
+    row["curve"] = {str(k): summary(k) for k in curve_ks(n_min, ks)} if n_min else {}
+    top = max((k for k in ks if k <= n_min), default=None)
+    row["pass^k"] = ({str(top): float(np.mean([pass_hat_k(list(n), list(c), top) for n, c in zip(ns, cs)]))}
+                     if top else {})
+    for key in ("success_rate", "mean_steps"):
+        row[key] = float(np.mean([e[key] for e in done]))
+    for key in ("prompt_tokens", "completion_tokens", "episodes", "interactions", "parse_failures",
+                "invalid", "errored"):
+        row[key] = int(round(np.mean([e[key] for e in done])))  # per seed (mean over seeds)
+    return row
+
+
+def _training(seed_plan: tuple[int, LoadedSpec, Plan]) -> dict[str, list[dict]]:
+    """Per method: its finished training stages' curves (trainer loss per optimizer step; GRPO's
+    success rate and mean reward per iteration), from the first seed."""
+    _, loaded, plan = seed_plan
+    out: dict[str, list[dict]] = {}
+    for s in plan.stages:
+        if s.kind != "train" or plan.status(s) != "done":
+            continue
+        d = plan.dir(s)
+        entry: dict = {"stage": s.id}
+        if (d / "train_log.json").exists():
+            log = [h for h in read_json(d / "train_log.json") if "loss" in h and "step" in h]
+            entry["loss"] = [[int(h["step"]), float(h["loss"])] for h in log]
+        if (d / "metrics.json").exists():
+            m = read_json(d / "metrics.json")
+            for key in ("success_rate", "mean_reward"):
+                if isinstance(m.get(key), list):
+                    entry[key] = m[key]
+        if len(entry) > 1:
+            out.setdefault(s.method, []).append(entry)
+    return out
+
+
+def _stage1(loaded: LoadedSpec, seeds: list[tuple[int, LoadedSpec, Plan]]) -> dict:
+    """One row per LEAFE method (and seed, when several ran): its exploration's statistics once
+    its explore stage is done."""
+    from leafe.methods.leafe import LeafeConfig
+    from leafe.methods.leafe.explore import read_trees
+    from leafe.methods.leafe.stats import exploration_ks, exploration_stats, variant
+
+    spec, rows, ks = loaded.spec, [], set()
+    for name, cfg in loaded.methods.items():
+        if not isinstance(cfg, LeafeConfig):
+            continue
+        mk = exploration_ks(spec.eval.k, cfg.max_attempts)
+        ks.update(mk)
+        for seed, _, plan in seeds:
+            st = plan.stage(f"{name}.explore")
+            row = {"method": name, "variant": variant(cfg), "status": plan.status(st),
+                   "max_attempts": cfg.max_attempts}
+            if len(seeds) > 1:
+                row["seed"] = seed
+            if row["status"] == "done":
+                row.update(exploration_stats(read_trees(plan.dir(st)), mk))
+            rows.append(row)
+    return {"k": sorted(ks), "budget": spec.budget.interactions_per_task, "rows": rows}
+
+
+def _model_label(name: str) -> str:
+    """A short model name for column groups: the last path part, `leafe:` dropped."""
+    return name.removeprefix("leafe:").rstrip("/").rsplit("/", 1)[-1]
+
+
+def collect(loaded: LoadedSpec, runs_dir: Path | str | Plan = "runs") -> dict:
+    """The report of one spec (a group): rows per method over all its seeds, the Stage 1
+    table, training curves. `runs_dir` may be a Plan (its runs directory is used)."""
+    if isinstance(runs_dir, Plan):
+        runs_dir = runs_dir.root.parent
+    spec = loaded.spec
+    seeds = _seed_plans(loaded, runs_dir)
+    return {
+        "report_version": REPORT_VERSION, "name": spec.name, "env": spec.env.adapter,
+        "model": spec.models.policy.name, "label": f"{spec.env.adapter} / {_model_label(spec.models.policy.name)}",
+        "k": sorted(spec.eval.k), "samples": spec.eval.samples, "seeds": spec.run_seeds(),
+        "budget_per_task": spec.budget.interactions_per_task,
+        "ci": spec.report.ci, "bootstrap": spec.report.bootstrap,
+        "rows": [_row(loaded, name, seeds) for name in loaded.methods],
+        "stage1": _stage1(loaded, seeds), "training": _training(seeds[0]),
+        "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def combine(groups: list[dict], name: str) -> dict:
+    """A combined report: one column group per spec (environment x model)."""
+    return {"report_version": REPORT_VERSION, "name": name, "combined": True, "groups": groups,
+            "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def groups_of(data: dict) -> list[dict]:
+    """The groups of a report: a combined report's, or the one-spec report itself."""
+    return data["groups"] if data.get("combined") else [data]
