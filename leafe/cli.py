@@ -90,18 +90,20 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
 
     try:
         loaded = _load(spec, sets)
-        p = build_plan(loaded, runs_dir)
+        plans = [(one.spec.seed, build_plan(one, runs_dir)) for one in loaded.per_seed()]
     except UserError as e:
         _fail(e)
-    table = Table(title=f"plan for {loaded.spec.name} → {p.root}", title_justify="left")
-    for col in ("stage", "kind", "depends on", "key", "status"):
-        table.add_column(col)
     colors = {"done": "green", "partial": "yellow", "todo": "white", "always": "dim"}
-    for s in p.stages:
-        st = p.status(s)
-        table.add_row(s.id, s.kind, ", ".join(s.deps) or "-", s.hash[:12] if s.kind != "report" else "-",
-                      f"[{colors[st]}]{st}[/{colors[st]}]")
-    console.print(table)
+    for seed, p in plans:  # one table per master seed of a multi-seed spec
+        title = f"plan for {loaded.spec.name} → {p.root}" + (f" (seed {seed})" if len(plans) > 1 else "")
+        table = Table(title=title, title_justify="left")
+        for col in ("stage", "kind", "depends on", "key", "status"):
+            table.add_column(col)
+        for s in p.stages:
+            st = p.status(s)
+            table.add_row(s.id, s.kind, ", ".join(s.deps) or "-", s.hash[:12] if s.kind != "report" else "-",
+                          f"[{colors[st]}]{st}[/{colors[st]}]")
+        console.print(table)
 
 
 @app.command()

@@ -75,6 +75,18 @@ def test_validate_ok_and_set(tmp_path):
     assert r.returncode == 2 and "larger than samples=1" in r.stderr
 
 
+def test_plan_shows_one_stage_graph_per_seed(tmp_path):
+    f = tmp_path / "ok.yaml"
+    f.write_text(SPEC + "seeds: [3, 4]\n")
+    r = leafe("plan", str(f), "--runs-dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "(seed 3)" in r.stdout and "(seed 4)" in r.stdout
+    keys = [line.split("│")[4].strip() for line in r.stdout.splitlines() if line.startswith("│ eval.base")]
+    assert len(keys) == 2 and keys[0] != keys[1]  # each seed's stages are keyed apart
+    r = leafe("validate", str(f), "--set", "seeds=[]")
+    assert r.returncode == 2 and "seeds" in r.stderr
+
+
 def test_missing_spec_file_exits_2(tmp_path):
     r = leafe("run", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2
