@@ -104,6 +104,17 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
             table.add_row(s.id, s.kind, ", ".join(s.deps) or "-", s.hash[:12] if s.kind != "report" else "-",
                           f"[{colors[st]}]{st}[/{colors[st]}]")
         console.print(table)
+    training = loaded.spec.runtime.training
+    if training.launcher == "accelerate":
+        from leafe.methods.launch import launch_command
+
+        try:
+            cmd = launch_command(training, "<stage dir>/launch/job.json", cuda=False)
+        except UserError as e:
+            _fail(e)
+        shown = " ".join(cmd[1:] if cmd[0] == sys.executable else cmd)
+        console.print("training stages run as: " + shown.replace("-m accelerate.commands.launch", "accelerate launch", 1),
+                      soft_wrap=True)
 
 
 @app.command()

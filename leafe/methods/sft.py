@@ -227,8 +227,17 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
 
     An example may carry a loss `weight` (default 1; see `_weighted_sft_trainer` for the exact
     loss). Examples of weight 0 are left out (they would add no gradient); with every weight 1
-    training is plain TRL SFT."""
+    training is plain TRL SFT. Under `runtime.training.launcher: accelerate` the training runs
+    in `accelerate launch` processes (`leafe.methods.launch`), with the same result files."""
     import math
+    import os
+
+    from leafe.methods.launch import IN_LAUNCH, run_launched
+
+    if ctx.spec.runtime.training.launcher == "accelerate" and not os.environ.get(IN_LAUNCH):
+        return run_launched(ctx, examples, train, seed)
+    # a launched process takes its share of the global batch
+    world = int(os.environ.get("WORLD_SIZE", "1")) if os.environ.get(IN_LAUNCH) else 1
 
     import torch
     from datasets import Dataset
@@ -252,7 +261,7 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     args = TRLSFTConfig(
         output_dir=str(out), num_train_epochs=train.epochs, learning_rate=train.lr,
         lr_scheduler_type=train.scheduler, warmup_steps=train.warmup_ratio,
-        weight_decay=train.weight_decay, per_device_train_batch_size=train.batch_size,
+        weight_decay=train.weight_decay, per_device_train_batch_size=train.batch_size // world,
         gradient_accumulation_steps=train.grad_accum, max_length=train.max_length,
         completion_only_loss=True, logging_steps=1, save_strategy="steps",
         save_steps=train.save_steps, save_total_limit=1, report_to="none", seed=seed,
@@ -281,12 +290,15 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     resume = any(p.name.startswith("checkpoint-") for p in out.glob("checkpoint-*")) if out.exists() else False
     result = trainer.train(resume_from_checkpoint=True if resume else None)
 
-    save_checkpoint(ctx, trainer.model, tokenizer, provenance, lora=peft_config is not None)
+    if trainer.accelerator.is_main_process:  # one writer when launched over several processes
+        save_checkpoint(ctx, trainer.model, tokenizer, provenance, lora=peft_config is not None)
+        atomic_write_json(ctx.dir / "train_log.json", trainer.state.log_history)
+    trainer.accelerator.wait_for_everyone()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    atomic_write_json(ctx.dir / "train_log.json", trainer.state.log_history)
     return {"train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "steps": trainer.state.global_step,
-            "examples": len(rows), "resumed": resume}
+            "examples": len(rows), "resumed": resume, "processes": trainer.accelerator.num_processes,
+            "distributed": str(trainer.accelerator.distributed_type.value)}
 
 
 def run_sft_stage(ctx) -> None:

@@ -265,6 +265,34 @@ class BudgetSpec(Strict):
     """Environment steps any method may spend per training task (restore replays excluded)."""
 
 
+class TrainingRuntime(Strict):
+    """How training stages are launched (every stage that fine-tunes through `train_sft`:
+    sft, rft, Early Experience, LEAFE's distillation). How, not what: left out of stage keys."""
+
+    launcher: Literal["none", "accelerate"] = "none"
+    """`none`: train in the `leafe run` process; `accelerate`: each training run is started with
+    `accelerate launch` (data parallel over `num_processes`, or the `config`'s FSDP/ZeRO), and
+    writes the same checkpoint as a single process."""
+    config: str | None = None
+    """An accelerate config: one of TRL's named configs (`ddp`, `fsdp`, `fsdp1`, `zero1`, `zero2`,
+    `zero3`; FSDP and ZeRO need GPUs) or a path to a YAML file. Unset: plain DDP (`--multi_gpu`),
+    on the CPU over gloo when no GPU is present."""
+    num_processes: int = Field(1, ge=1)
+    """Processes in all (GPUs, or CPU processes). The spec's `batch_size` stays the global batch:
+    each process takes batch_size / num_processes examples per step (it must divide)."""
+    num_machines: int = Field(1, ge=1)
+    """Machines the processes span (then also set the accelerate config's rendezvous fields)."""
+    main_process_port: int | None = Field(None, ge=1, le=65535)
+    """Port of the rendezvous (accelerate's default when unset)."""
+
+
+class RuntimeSpec(Strict):
+    """How the experiment is executed (never what it computes: not part of any stage key)."""
+
+    training: TrainingRuntime = Field(default_factory=TrainingRuntime)
+    """Launching of training stages."""
+
+
 class EvalSpec(Strict):
     """Evaluation: independent rollouts on the test split, no reflection."""
 
@@ -340,6 +368,8 @@ class Spec(Strict):
     """Evaluation."""
     report: ReportSpec = Field(default_factory=ReportSpec)
     """Report formats and statistics."""
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    """Execution: how training is launched."""
 
     def run_seeds(self) -> list[int]:
         """The master seeds the experiment runs under: `seeds`, else `[seed]`."""
