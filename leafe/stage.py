@@ -65,6 +65,13 @@ class StageContext:
         if env.workers < 1:
             yield self.make_env
             return
+        if self.spec.runtime.engine == "ray":
+            from leafe.envs.ray_pool import RayPool
+
+            with RayPool(env.adapter, self.loaded.env_options.model_dump(mode="json"), n=env.workers,
+                         timeout=env.step_timeout, ray_spec=self.spec.runtime.ray) as pool:
+                yield pool.make
+            return
         from leafe.envs.workers import WorkerPool
 
         with WorkerPool(env.adapter, self.loaded.env_options.model_dump(mode="json"),

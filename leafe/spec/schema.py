@@ -286,9 +286,31 @@ class TrainingRuntime(Strict):
     """Port of the rendezvous (accelerate's default when unset)."""
 
 
+class RaySpec(Strict):
+    """The Ray cluster environment actors run on (`runtime.engine: ray`)."""
+
+    address: str | None = None
+    """A running cluster to join (`auto`, `host:port`, `ray://host:10001`); unset: a private
+    local instance started for the run and stopped after it."""
+    num_cpus: int | None = Field(None, ge=1)
+    """CPUs of the private local instance (unset: all)."""
+    runtime_env: dict[str, Any] | None = None
+    """Ray's runtime_env for the actors (e.g. `{env_vars: {...}}`; the actors must import leafe)."""
+    actor_num_cpus: float = Field(0.25, gt=0)
+    """CPUs each environment actor reserves (a fraction: environments mostly wait)."""
+    actor_resources: dict[str, float] | None = None
+    """Custom resources each actor requires, to place them on chosen nodes."""
+
+
 class RuntimeSpec(Strict):
     """How the experiment is executed (never what it computes: not part of any stage key)."""
 
+    engine: Literal["local", "ray"] = "local"
+    """Where environment workers (`env.workers` of them) run: local processes, or Ray actors on
+    a cluster. Same records either way; failures follow leafe's policy (`env.step_timeout`,
+    `env.episode_retries`) on both."""
+    ray: RaySpec = Field(default_factory=RaySpec)
+    """The cluster (with `engine: ray`)."""
     training: TrainingRuntime = Field(default_factory=TrainingRuntime)
     """Launching of training stages."""
 
@@ -391,6 +413,13 @@ class Spec(Strict):
         if not v:
             raise ValueError("list at least one method, e.g. `base: {}`")
         return v
+
+    @model_validator(mode="after")
+    def _ray_needs_workers(self) -> "Spec":
+        if self.runtime.engine == "ray" and self.env.workers < 1:
+            raise ValueError("runtime.engine: ray runs the environments in Ray actors: set env.workers "
+                             "to the number of actors (>= 1)")
+        return self
 
     def role(self, name: str) -> ModelSpec:
         """The model spec of role `name` (`policy`, `reflector`, `teacher`), `policy` resolved."""

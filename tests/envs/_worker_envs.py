@@ -69,9 +69,11 @@ class FaultySokoban(SokobanEnv):
         if not o.marker:
             return True
         try:
-            os.close(os.open(o.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            fd = os.open(o.marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
         except FileExistsError:
             return False
+        os.write(fd, str(os.getpid()).encode())  # which process faulted (its node, under Ray)
+        os.close(fd)
         return True
 
     def _step(self, action: str) -> Step:
