@@ -93,6 +93,10 @@ CONFIG_STATUS = {401: "the API key was refused", 403: "the API key has no access
 T = TypeVar("T")
 
 
+#: The Router's name for the deployments of `api_bases` (never sent to a server).
+ROUTER_ALIAS = "leafe-replicas"
+
+
 class MalformedResponse(Exception):
     """A reply that parsed but is not a usable chat completion (e.g. no choices)."""
 
@@ -273,12 +277,25 @@ class LiteLLMModel(ChatModel):
             self._cache = diskcache.Cache(str(path))
         self._loop = _LoopThread()
         self._sem: asyncio.Semaphore | None = None  # made on the loop, shared by all calls
+        self._router = self._make_router(spec) if spec.api_bases else None
 
     @classmethod
     def from_spec(cls, spec: LiteLLMModelSpec) -> "LiteLLMModel":
         if not isinstance(spec, LiteLLMModelSpec):
             raise TypeError(f"LiteLLMModel needs a LiteLLMModelSpec, got {type(spec).__name__}")
         return cls(spec)
+
+    def _make_router(self, spec: LiteLLMModelSpec) -> Any:
+        """litellm's Router over `api_bases`: one deployment per server under one alias. Its
+        own retries are off (leafe's retry policy wraps every request, and a retry may land
+        on another server)."""
+        from litellm import Router
+
+        deployments = [{"model_name": ROUTER_ALIAS,
+                        "litellm_params": {"model": spec.name, "api_base": base, "api_key": self._api_key}}
+                       for base in spec.api_bases or []]
+        return Router(model_list=deployments, routing_strategy="simple-shuffle", num_retries=0,
+                      allowed_fails=3, cooldown_time=5)
 
     @staticmethod
     def _read_key(spec: LiteLLMModelSpec) -> str | None:
@@ -322,6 +339,8 @@ class LiteLLMModel(ChatModel):
 
     def _cache_key(self, req: dict[str, Any], sample: int) -> str:
         full = {"api_base": self.spec.api_base, **req}
+        if self.spec.api_bases:  # replicas of one model: any of them gives the same reply
+            full["api_base"] = sorted(self.spec.api_bases)
         blob = json.dumps(full, sort_keys=True, default=str, ensure_ascii=False)
         return f"{hashlib.sha256(blob.encode()).hexdigest()}/{sample}"
 
@@ -435,16 +454,15 @@ class LiteLLMModel(ChatModel):
         assert self._sem is not None
         async with self._sem:
             try:
+                if self._router is not None:
+                    call = self._router.acompletion(**{**req, "model": ROUTER_ALIAS}, timeout=spec.timeout,
+                                                    num_retries=0, max_retries=0, drop_params=True)
+                else:
+                    call = litellm.acompletion(**req, api_base=spec.api_base, api_key=self._api_key,
+                                               timeout=spec.timeout, num_retries=0, max_retries=0,
+                                               drop_params=True)
                 response = await asyncio.wait_for(
-                    litellm.acompletion(
-                        **req,
-                        api_base=spec.api_base,
-                        api_key=self._api_key,
-                        timeout=spec.timeout,
-                        num_retries=0,
-                        max_retries=0,
-                        drop_params=True,
-                    ),
+                    call,
                     # litellm's timeout covers each read; this one the whole request.
                     timeout=spec.timeout,
                 )
@@ -503,6 +521,7 @@ class LiteLLMModel(ChatModel):
             "backend": "litellm",
             "name": spec.name,
             "api_base": spec.api_base,
+            **({"api_bases": list(spec.api_bases)} if spec.api_bases else {}),
             "api_key_env": spec.api_key_env,  # the variable's name, never its value
             "temperature": spec.temperature,
             "top_p": spec.top_p,

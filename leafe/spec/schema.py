@@ -184,6 +184,11 @@ class LiteLLMModelSpec(ModelSpec):
     api_base: str | None = None
     """Base URL of the API (e.g. `http://127.0.0.1:8000/v1` for an OpenAI-compatible local
     server); null: the provider's default."""
+    api_bases: list[str] | None = Field(None, min_length=2)
+    """Several servers of the same model (e.g. vLLM replicas, one `vllm serve` per GPU or
+    node): each request goes to one of them, spread by litellm's Router (`simple-shuffle`;
+    a server that keeps failing is cooled down and the others take its load). Instead of
+    `api_base`."""
     api_key_env: str | None = None
     """Name of the environment variable that holds the API key (null: litellm's default for
     the provider, e.g. OPENAI_API_KEY). Keys are never written in specs or records."""
@@ -206,6 +211,12 @@ class LiteLLMModelSpec(ModelSpec):
     distinct."""
     params: dict[str, Any] = Field(default_factory=dict)
     """Further litellm `completion` arguments (e.g. `{reasoning_effort: low}`)."""
+
+    @model_validator(mode="after")
+    def _one_kind_of_base(self) -> "LiteLLMModelSpec":
+        if self.api_base is not None and self.api_bases is not None:
+            raise ValueError("give either api_base (one server) or api_bases (several), not both")
+        return self
 
 
 BACKENDS = ("transformers", "vllm", "litellm")

@@ -458,3 +458,33 @@ def test_load_through_the_registry(server):
     finally:
         m.close()
     assert not m._loop.thread.is_alive()
+
+
+# ------------------------------------------------------------------------------- replicas
+
+
+def test_requests_spread_over_several_servers_with_the_same_replies(make, server, tiny):
+    """`api_bases`: litellm's Router sends each request to one of the replicas; seeded
+    sampling makes the replies independent of which server answered."""
+    from leafe.models.litellm import LiteLLMModel
+
+    convs = [A, B] * 8
+    s = Sampling(temperature=1.0, max_tokens=5)
+    want = make().generate(convs, s, seeds=list(range(16)))
+    with LoopbackServer(tiny, api_key=KEY) as other:
+        server.reset_counts()
+        m = LiteLLMModel.from_spec(spec(server, api_base=None, api_bases=[server.api_base, other.api_base]))
+        try:
+            got = m.generate(convs, s, seeds=list(range(16)))
+        finally:
+            m.close()
+        assert [c.text for c in got] == [c.text for c in want]
+        assert all(c.error is None for c in got)
+        assert server.requests > 0 and other.requests > 0  # both replicas served
+        assert server.requests + other.requests == 16
+        assert m.provenance()["api_bases"] == [server.api_base, other.api_base]
+
+
+def test_api_base_and_api_bases_are_exclusive(server):
+    with pytest.raises(ValueError, match="either api_base"):
+        spec(server, api_bases=[server.api_base, server.api_base + "x"])
