@@ -22,6 +22,7 @@ registry = Registry(
         "coding": "leafe.envs.coding:CodingEnv",
         "textworld": "leafe.envs.textworld:TextWorldEnv",
         "sciworld": "leafe.envs.sciworld:ScienceWorldEnv",
+        "webshop": "leafe.envs.webshop:WebShopEnv",
     },
 )
 
