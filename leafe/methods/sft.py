@@ -205,15 +205,16 @@ def load_start_policy(ctx):
     return model, tokenizer, provenance
 
 
-def save_checkpoint(ctx, model, tokenizer, provenance: dict, lora: bool) -> None:
+def save_checkpoint(ctx, model, tokenizer, provenance: dict, lora: bool, state_dict: dict | None = None) -> None:
     """Write the trained policy to `ctx.dir/checkpoint` atomically: one plain model directory
-    (a LoRA adapter merged in) with leafe_model.json naming what it was trained from and by."""
+    (a LoRA adapter merged in) with leafe_model.json naming what it was trained from and by.
+    `state_dict`: the full weights gathered from sharded training (FSDP, ZeRO-3)."""
     from leafe.store import atomic_replace_dir, atomic_write_json
 
     if lora:
         model = model.merge_and_unload()
     tmp = ctx.dir / ".checkpoint.tmp"
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, safe_serialization=True, **({"state_dict": state_dict} if state_dict else {}))
     tokenizer.save_pretrained(tmp)
     method = ctx.loaded.method_types.get(ctx.stage.method, "sft")
     atomic_write_json(tmp / "leafe_model.json", {"trained_from": provenance, "stage": ctx.stage.id,
@@ -290,8 +291,13 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     resume = any(p.name.startswith("checkpoint-") for p in out.glob("checkpoint-*")) if out.exists() else False
     result = trainer.train(resume_from_checkpoint=True if resume else None)
 
-    if trainer.accelerator.is_main_process:  # one writer when launched over several processes
-        save_checkpoint(ctx, trainer.model, tokenizer, provenance, lora=peft_config is not None)
+    acc = trainer.accelerator
+    state_dict = None
+    if acc.distributed_type.value in ("FSDP", "DEEPSPEED") and peft_config is None:
+        state_dict = acc.get_state_dict(trainer.model_wrapped)  # gathers the shards: every rank calls it
+    if acc.is_main_process:  # one writer when launched over several processes
+        save_checkpoint(ctx, acc.unwrap_model(trainer.model), tokenizer, provenance,
+                        lora=peft_config is not None, state_dict=state_dict)
         atomic_write_json(ctx.dir / "train_log.json", trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

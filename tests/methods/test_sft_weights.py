@@ -13,7 +13,7 @@ import pytest
 from rich.console import Console
 
 from leafe.methods.sft import TrainSpec, train_sft
-from leafe.spec.schema import TransformersModelSpec
+from leafe.spec.schema import RuntimeSpec, TransformersModelSpec
 
 torch = pytest.importorskip("torch")
 
@@ -25,6 +25,7 @@ class Ctx:
         self.dir, self.console = d, Console(file=io.StringIO())
         self.stage = SimpleNamespace(id="t.train", method="t")
         self.loaded = SimpleNamespace(method_types={"t": "sft"})
+        self.spec = SimpleNamespace(runtime=RuntimeSpec())  # trains in this process
 
     def start_checkpoint(self):
         return None
