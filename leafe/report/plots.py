@@ -80,6 +80,7 @@ def stage1_plot(data: dict) -> str | None:
         first = r["pass@k"].get("1", 0.0)
         vals = [100 * first, 100 * r["solved"], 100 * r["fixed_by_branch"]]
         b.bar([j + (i - (len(rows) - 1) / 2) * width for j in range(3)], vals, width=width, label=name)
+    a.set_xticks(sorted({int(d) for _, r in rows for d in r["by_depth"]}))
     a.set_xlabel("tree depth (0: first attempt)")
     a.set_ylabel("trajectories")
     a.set_title("Trajectories per depth")
@@ -106,6 +107,9 @@ def training_plot(data: dict) -> str | None:
         steps, vals = zip(*e["loss"])
         ax.plot(steps, vals, marker=".", markersize=3,
                 label=e["stage"] + (f" — {g['label']}" if data.get("combined") else ""))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.set_title("Training loss")
@@ -116,6 +120,9 @@ def training_plot(data: dict) -> str | None:
         for g, _, e in rl:
             ax.plot(range(1, len(e["success_rate"]) + 1), [100 * v for v in e["success_rate"]], marker="o",
                     markersize=3, label=e["stage"] + (f" — {g['label']}" if data.get("combined") else ""))
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("iteration")
         ax.set_ylabel("rollout success (%)")
         ax.set_ylim(0, 100)
