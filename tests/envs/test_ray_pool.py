@@ -67,7 +67,13 @@ def test_a_killed_actor_raises_and_is_replaced():
         a.reset(task)
         b.reset(task)
         ray.kill(a._slot.actor)
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30  # ray.kill is asynchronous: wait until the actor is gone
+        while time.monotonic() < deadline:
+            try:
+                ray.get(a._slot.actor.ping.remote(), timeout=5)
+            except Exception:
+                break
+            time.sleep(0.1)
         with pytest.raises(EnvWorkerError, match="died"):
             a.step("up")
         with pytest.raises(EnvWorkerError, match="replaced"):
@@ -141,7 +147,7 @@ def test_two_node_cluster_survives_a_killed_node(tmp_path, scripted_reference, m
         t0 = time.monotonic()
         recs, metrics, out = run_eval_scripted(tmp_path, [
             "env.workers=2", "runtime.engine=ray", f"runtime.ray.address={cluster.address}",
-            "runtime.ray.actor_resources={envnode: 1}", "env.step_timeout=90",
+            "runtime.ray.actor_resources={envnode: 1}", "env.step_timeout=90", "env.episode_retries=4",
             "env.options.fault=hang", *FAULT_ONCE, f"env.options.marker={marker}"], monkeypatch)
         elapsed = time.monotonic() - t0
         t.join(5)
@@ -153,5 +159,8 @@ def test_two_node_cluster_survives_a_killed_node(tmp_path, scripted_reference, m
     check_once(recs)
     ref_recs, ref_metrics = scripted_reference
     assert sorted(recs, key=key) == sorted(ref_recs, key=key)
-    assert metrics["env_errors"] == 1 and metrics["chunk_retries"] == 1 and same_metrics(metrics, ref_metrics)
+    # A replacement actor may still be placed on the killed node before Ray has declared it
+    # dead (seen in CI): it fails too and the chunk runs once more. Every failure was retried.
+    assert 1 <= metrics["env_errors"] == metrics["chunk_retries"] <= 4 and metrics["errored"] == 0
+    assert same_metrics(metrics, ref_metrics)
     assert "died" in out
