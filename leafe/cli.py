@@ -104,7 +104,16 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
             table.add_row(s.id, s.kind, ", ".join(s.deps) or "-", s.hash[:12] if s.kind != "report" else "-",
                           f"[{colors[st]}]{st}[/{colors[st]}]")
         console.print(table)
-    training = loaded.spec.runtime.training
+    spec_ = loaded.spec
+    if spec_.env.workers >= 1:
+        if spec_.runtime.engine == "ray":
+            where = (f"the Ray cluster at {spec_.runtime.ray.address}" if spec_.runtime.ray.address
+                     else "a private local Ray instance")
+            console.print(f"environment workers: {spec_.env.workers} Ray actors "
+                          f"({spec_.runtime.ray.actor_num_cpus:g} CPU each) on {where}")
+        else:
+            console.print(f"environment workers: {spec_.env.workers} local processes")
+    training = spec_.runtime.training
     if training.launcher == "accelerate":
         from leafe.methods.launch import launch_command
 

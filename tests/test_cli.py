@@ -87,6 +87,19 @@ def test_plan_shows_one_stage_graph_per_seed(tmp_path):
     assert r.returncode == 2 and "seeds" in r.stderr
 
 
+def test_plan_says_where_workers_run_and_how_training_launches(tmp_path):
+    f = tmp_path / "ok.yaml"
+    f.write_text(SPEC)
+    r = leafe("plan", str(f), "--runs-dir", str(tmp_path), "--set", "env.workers=3", "--set", "runtime.engine=ray",
+              "--set", "runtime.training.launcher=accelerate", "--set", "runtime.training.num_processes=2")
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    assert "environment workers: 3 Ray actors (0.25 CPU each) on a private local Ray instance" in out
+    assert "training stages run as: accelerate launch --multi_gpu --num_processes 2" in out
+    r = leafe("plan", str(f), "--runs-dir", str(tmp_path), "--set", "runtime.engine=ray")
+    assert r.returncode == 2 and "set env.workers" in r.stderr
+
+
 def test_missing_spec_file_exits_2(tmp_path):
     r = leafe("run", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2
