@@ -22,7 +22,8 @@ import os
 import pickle
 from typing import Any
 
-from leafe.envs.base import Env, Observation, Snapshot, Step
+from leafe.envs.base import Env, Snapshot
+from leafe.envs.workers import ProxyEnv
 from leafe.errors import EnvWorkerError, UserError
 
 _ENV_METHODS = {"reset", "step", "snapshot", "restore", "expert", "tasks", "splits"}
@@ -201,21 +202,17 @@ class RayPool:
             ray.shutdown()
 
 
-class RayEnv(Env):
+class RayEnv(ProxyEnv):
     """An environment hosted by a `RayPool` actor; every call is forwarded to it."""
 
     def __init__(self, pool: RayPool, slot: _Slot, eid: int):
-        super().__init__(None)
-        self.name = pool.env_name
+        super().__init__(pool.env_name)
         self._pool, self._slot, self._gen, self._eid = pool, slot, slot.gen, eid
-        self._closed = False
-        self._inflight: tuple[str, str, Any] | None = None
-        self._inflight_arg = ""
         slot.live += 1
         # not awaited: a failed construction is raised by the next call
         slot.actor.new.remote(eid)
 
-    def _remote(self, method: str, *args: Any) -> Any:
+    def _start(self, method: str, *args: Any) -> Any:
         if self._closed:
             raise RuntimeError(f"{self.name}: environment used after close()")
         if self._slot.gen != self._gen:
@@ -223,64 +220,7 @@ class RayEnv(Env):
                                  "after a failure; the environment's state is gone")
         return self._slot.actor.call.remote(self._eid, method, args)
 
-    def _call(self, method: str, *args: Any) -> Any:
-        if self._inflight is not None:
-            raise RuntimeError(f"{self.name}: call while a submitted {self._inflight[0]} is pending")
-        return self._pool.get(self._slot, self._gen, self._remote(method, *args))
-
-    def _reset(self, task_id: str) -> Observation:
-        return self._call("reset", task_id)
-
-    def _step(self, action: str) -> Step:
-        return self._call("step", action)
-
-    def tasks(self, split: str) -> list[str]:
-        return self._call("tasks", split)
-
-    def splits(self) -> list[str]:
-        return self._call("splits")
-
-    def expert(self, task_id: str) -> list[str] | None:
-        return self._call("expert", task_id)
-
-    def snapshot(self) -> Snapshot:
-        return self._call("snapshot")
-
-    def restore(self, snap: Snapshot) -> Observation:
-        obs = self._call("restore", snap)
-        self._task_id, self._actions, self._last_obs = snap.task_id, list(snap.actions), obs
-        return obs
-
-    def submit_reset(self, task_id: str) -> None:
-        self._submit("reset", task_id)
-
-    def collect_reset(self) -> Observation:
-        obs = self._collect("reset")
-        self._task_id, self._actions, self._last_obs = self._inflight_arg, [], obs
-        return obs
-
-    def submit_step(self, action: str) -> None:
-        if self._task_id is None:
-            raise RuntimeError("step() called before reset()")
-        self._submit("step", action)
-
-    def collect_step(self) -> Step:
-        result = self._collect("step")
-        self._actions.append(self._inflight_arg)
-        self._last_obs = result.observation
-        return result
-
-    def _submit(self, kind: str, arg: str) -> None:
-        if self._inflight is not None:
-            raise RuntimeError(f"{self.name}: submit_{kind}() while a {self._inflight[0]} is pending")
-        self._inflight = (kind, arg, self._remote(kind, arg))
-
-    def _collect(self, kind: str) -> Any:
-        if self._inflight is None or self._inflight[0] != kind:
-            raise RuntimeError(f"collect_{kind}() without a matching submit_{kind}()")
-        _, arg, ref = self._inflight
-        self._inflight = None
-        self._inflight_arg = arg
+    def _finish(self, ref: Any) -> Any:
         return self._pool.get(self._slot, self._gen, ref)
 
     def close(self) -> None:

@@ -402,39 +402,29 @@ class WorkerPool:
             w.kill()  # also takes any child a worker left behind in its group
 
 
-class PooledEnv(Env):
-    """An environment hosted by a `WorkerPool` worker; every call is forwarded to it.
+class ProxyEnv(Env):
+    """An environment hosted elsewhere (a worker process, a Ray actor): every call is
+    forwarded. Keeps the `Env` bookkeeping (task id, actions, last observation) on this side;
+    subclasses say how a call starts (`_start`, returning a handle) and how its result is
+    awaited (`_finish`)."""
 
-    Raises `EnvWorkerError` when its worker died or hung (now or since this environment was
-    made); other exceptions of the environment are raised again here, with the worker's
-    traceback as a note."""
-
-    def __init__(self, pool: WorkerPool, worker: _Worker, eid: int):
+    def __init__(self, name: str):
         super().__init__(None)
-        self.name = pool.env_name
-        self._w = worker
-        self._gen = worker.gen
-        self._eid = eid
+        self.name = name
         self._closed = False
-        self._inflight: tuple[str, str, int] | None = None
+        self._inflight: tuple[str, str, Any] | None = None
         self._inflight_arg = ""
-        worker.live += 1
-        # The reply is not awaited: a failed construction is raised by the next call.
-        worker.drop(self._gen, self._send("new"))
 
-    @property
-    def worker_pid(self) -> int:
-        return self._w.pid
+    def _start(self, method: str, *args: Any) -> Any:
+        raise NotImplementedError
 
-    def _send(self, method: str, *args: Any) -> int:
-        if self._closed:
-            raise RuntimeError(f"{self.name}: environment used after close()")
-        return self._w.send(self._gen, self._eid, method, args)
+    def _finish(self, handle: Any) -> Any:
+        raise NotImplementedError
 
     def _call(self, method: str, *args: Any) -> Any:
         if self._inflight is not None:
             raise RuntimeError(f"{self.name}: call while a submitted {self._inflight[0]} is pending")
-        return self._w.wait(self._gen, self._send(method, *args))
+        return self._finish(self._start(method, *args))
 
     # Env's abstract methods: reached through Env.reset / Env.step, which keep the proxy's
     # own bookkeeping (task id, actions, last observation).
@@ -465,7 +455,7 @@ class PooledEnv(Env):
         self._submit("reset", task_id)
 
     def collect_reset(self) -> Observation:
-        obs = self._collect("reset")[1]
+        obs = self._collect("reset")
         self._task_id, self._actions, self._last_obs = self._inflight_arg, [], obs
         return obs
 
@@ -475,7 +465,7 @@ class PooledEnv(Env):
         self._submit("step", action)
 
     def collect_step(self) -> Step:
-        result = self._collect("step")[1]
+        result = self._collect("step")
         self._actions.append(self._inflight_arg)
         self._last_obs = result.observation
         return result
@@ -483,15 +473,47 @@ class PooledEnv(Env):
     def _submit(self, kind: str, arg: str) -> None:
         if self._inflight is not None:
             raise RuntimeError(f"{self.name}: submit_{kind}() while a {self._inflight[0]} is pending")
-        self._inflight = (kind, arg, self._send(kind, arg))
+        self._inflight = (kind, arg, self._start(kind, arg))
 
-    def _collect(self, kind: str) -> tuple[str, Any]:
+    def _collect(self, kind: str) -> Any:
         if self._inflight is None or self._inflight[0] != kind:
             raise RuntimeError(f"collect_{kind}() without a matching submit_{kind}()")
-        _, arg, rid = self._inflight
+        _, arg, handle = self._inflight
         self._inflight = None
         self._inflight_arg = arg
-        return kind, self._w.wait(self._gen, rid)
+        return self._finish(handle)
+
+
+class PooledEnv(ProxyEnv):
+    """An environment hosted by a `WorkerPool` worker; every call is forwarded to it.
+
+    Raises `EnvWorkerError` when its worker died or hung (now or since this environment was
+    made); other exceptions of the environment are raised again here, with the worker's
+    traceback as a note."""
+
+    def __init__(self, pool: WorkerPool, worker: _Worker, eid: int):
+        super().__init__(pool.env_name)
+        self._w = worker
+        self._gen = worker.gen
+        self._eid = eid
+        worker.live += 1
+        # The reply is not awaited: a failed construction is raised by the next call.
+        worker.drop(self._gen, self._send("new"))
+
+    @property
+    def worker_pid(self) -> int:
+        return self._w.pid
+
+    def _send(self, method: str, *args: Any) -> int:
+        if self._closed:
+            raise RuntimeError(f"{self.name}: environment used after close()")
+        return self._w.send(self._gen, self._eid, method, args)
+
+    def _start(self, method: str, *args: Any) -> int:
+        return self._send(method, *args)
+
+    def _finish(self, rid: int) -> Any:
+        return self._w.wait(self._gen, rid)
 
     def close(self) -> None:
         if self._closed:
