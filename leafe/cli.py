@@ -143,7 +143,7 @@ def _load_source(path: Path, sets: list[str] | None):
     """A spec file, or a run directory (runs/<name>/): the spec its manifest recorded."""
     if not path.is_dir():
         return _load(path, sets)
-    from leafe.spec.loader import Located, load_doc
+    from leafe.spec.loader import load_dump
     from leafe.store import read_json
 
     manifests = sorted(path.glob("manifest*.json"), key=lambda p: p.stat().st_mtime)
@@ -152,12 +152,10 @@ def _load_source(path: Path, sets: list[str] | None):
                         f"runs/<name>/ of a `leafe run`")
     m = read_json(manifests[-1])
     spec = dict(m["spec"])
-    order = m.get("method_order") or list(spec["methods"])  # the spec's row order
-    spec["methods"] = {k: spec["methods"][k] for k in order}
-    if m["spec"].get("seeds"):
-        spec["seed"] = m["spec"]["seeds"][0]
+    if spec.get("seeds"):
+        spec["seed"] = spec["seeds"][0]
     try:
-        return load_doc(Located(spec), sets or [], None)
+        return load_dump(spec, m.get("method_order"), sets)
     except UserError as e:
         raise UserError(f"{manifests[-1]}: its recorded spec does not load under leafe {leafe.__version__} "
                         f"({e}); pass the spec file instead") from None

@@ -61,18 +61,14 @@ def launch_command(training, job: Path | str, cuda: bool | None = None) -> list[
     return cmd + ["-m", "leafe.methods.launch", str(job)]
 
 
-def world_size(training) -> int:
-    return training.num_processes
-
-
 def run_launched(ctx, examples: list[dict], train, seed: int) -> dict:
     """Write the job, run it under accelerate, return the main process's statistics."""
     from leafe.store import RecordLog, atomic_write_json, read_json
 
     rt = ctx.spec.runtime.training
-    if train.batch_size % world_size(rt):
+    if train.batch_size % rt.num_processes:
         raise UserError(f"{ctx.stage.id}: batch_size {train.batch_size} is the global batch and must divide "
-                        f"over runtime.training.num_processes = {world_size(rt)}")
+                        f"over runtime.training.num_processes = {rt.num_processes}")
     d = ctx.dir / "launch"
     d.mkdir(parents=True, exist_ok=True)
     RecordLog(d / "examples.jsonl").rewrite(examples)
@@ -104,15 +100,13 @@ def main(job_path: str) -> None:
 
     from leafe.methods.sft import TrainSpec, train_sft
     from leafe.plan import build_plan
-    from leafe.spec.loader import Located, load_doc
+    from leafe.spec.loader import load_dump
     from leafe.stage import StageContext
     from leafe.store import RecordLog, atomic_write_json, read_json
 
     job = read_json(Path(job_path))
     rank = int(os.environ.get("RANK", "0"))
-    spec = dict(job["spec"])
-    spec["methods"] = {k: spec["methods"][k] for k in job["method_order"]}
-    loaded = load_doc(Located(spec), [], None)
+    loaded = load_dump(job["spec"], job["method_order"])
     plan = build_plan(loaded, job["runs_dir"])
     stage = plan.stage(job["stage"])
     console = Console(stderr=True) if rank == 0 else Console(file=io.StringIO())

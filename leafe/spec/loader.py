@@ -294,6 +294,17 @@ class LoadedSpec:
         return [self.with_seed(s) for s in self.spec.run_seeds()]
 
 
+def load_dump(spec: dict[str, Any], method_order: list[str] | None = None,
+              overrides: list[str] | None = None) -> LoadedSpec:
+    """A LoadedSpec again from `Spec.model_dump()` as a manifest or a launch job recorded it.
+    `method_order`: the methods' order (the table's rows), which JSON written with sorted keys
+    loses."""
+    data = dict(spec)
+    order = method_order or list(data["methods"])
+    data["methods"] = {k: data["methods"][k] for k in order}
+    return load_doc(Located(data), overrides or [], None)
+
+
 def load_spec(file: str | Path, overrides: list[str] | None = None) -> LoadedSpec:
     """Read, merge and validate a spec file. Raises SpecError listing every problem."""
     file = Path(file)
