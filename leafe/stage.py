@@ -60,22 +60,23 @@ class StageContext:
     @contextlib.contextmanager
     def env_factory(self) -> Iterator[Callable[[], Env]]:
         """A `make_env` for the agent loop: in-process environments, or with `env.workers`
-        >= 1 proxies of environments in a worker pool (closed on exit)."""
+        >= 1 proxies of environments in a worker pool, local processes or Ray actors
+        (`runtime.engine`; closed on exit)."""
         env = self.spec.env
         if env.workers < 1:
             yield self.make_env
             return
+        options = self.loaded.env_options.model_dump(mode="json")
         if self.spec.runtime.engine == "ray":
             from leafe.envs.ray_pool import RayPool
 
-            with RayPool(env.adapter, self.loaded.env_options.model_dump(mode="json"), n=env.workers,
-                         timeout=env.step_timeout, ray_spec=self.spec.runtime.ray) as pool:
-                yield pool.make
-            return
-        from leafe.envs.workers import WorkerPool
+            pool = RayPool(env.adapter, options, n=env.workers, timeout=env.step_timeout,
+                           ray_spec=self.spec.runtime.ray)
+        else:
+            from leafe.envs.workers import WorkerPool
 
-        with WorkerPool(env.adapter, self.loaded.env_options.model_dump(mode="json"),
-                        n=env.workers, timeout=env.step_timeout) as pool:
+            pool = WorkerPool(env.adapter, options, n=env.workers, timeout=env.step_timeout)
+        with pool:
             yield pool.make
 
     def tasks(self, split: str) -> list[str]:

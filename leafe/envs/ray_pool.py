@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import atexit
 import os
-import pickle
 from typing import Any
 
-from leafe.envs.base import Env, Snapshot
-from leafe.envs.workers import ProxyEnv
+from leafe.envs.base import Env
+from leafe.envs.workers import ProxyEnv, call_hosted
 from leafe.errors import EnvWorkerError, UserError
-
-_ENV_METHODS = {"reset", "step", "snapshot", "restore", "expert", "tasks", "splits"}
 
 
 class _EnvHost:
@@ -51,20 +48,7 @@ class _EnvHost:
             self.hosted[eid] = e
 
     def call(self, eid: int, method: str, args: tuple) -> Any:
-        if method not in _ENV_METHODS:
-            raise RuntimeError(f"environment actor: unknown call {method!r}")
-        env = self.hosted.get(eid)
-        if env is None:
-            raise RuntimeError(f"environment actor: no environment with id {eid}")
-        if isinstance(env, BaseException):
-            raise env
-        result = getattr(env, method)(*args)
-        if isinstance(result, Snapshot) and result.native is not None:
-            try:
-                pickle.dumps(result.native)
-            except Exception:  # restored by replay instead, as with local workers
-                result.native = None
-        return result
+        return call_hosted(self.hosted, eid, method, args, "environment actor")
 
     def close_env(self, eid: int) -> None:
         env = self.hosted.pop(eid, None)

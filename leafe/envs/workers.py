@@ -47,6 +47,26 @@ _ENV_METHODS = {"reset", "step", "snapshot", "restore", "expert", "tasks", "spli
 
 
 # -- worker process side ---------------------------------------------------------------------
+def call_hosted(hosted: dict[int, Any], eid: int, method: str, args: tuple, who: str) -> Any:
+    """Call `method` of hosted environment `eid` (a worker process's or a Ray actor's): an
+    environment whose construction failed raises that error; a native snapshot that cannot
+    be pickled back goes without its native part (restored by replay instead)."""
+    if method not in _ENV_METHODS:
+        raise RuntimeError(f"{who}: unknown call {method!r}")
+    env = hosted.get(eid)
+    if env is None:
+        raise RuntimeError(f"{who}: no environment with id {eid}")
+    if isinstance(env, BaseException):
+        raise env
+    result = getattr(env, method)(*args)
+    if isinstance(result, Snapshot) and result.native is not None:
+        try:
+            pickle.dumps(result.native)
+        except Exception:
+            result.native = None
+    return result
+
+
 def _kill_own_group() -> None:
     os.killpg(os.getpgid(0), signal.SIGKILL)
 
@@ -119,20 +139,8 @@ def _worker_main(conn: Any, name: str, target: str, options: dict) -> None:
                     if isinstance(env, Env):
                         env.close()
                     result = None
-                elif method in _ENV_METHODS:
-                    env = hosted.get(eid)
-                    if env is None:
-                        raise RuntimeError(f"environment worker: no environment with id {eid}")
-                    if isinstance(env, BaseException):
-                        raise env
-                    result = getattr(env, method)(*args)
-                    if isinstance(result, Snapshot) and result.native is not None:
-                        try:
-                            pickle.dumps(result.native)
-                        except Exception:  # restored by replay instead
-                            result.native = None
                 else:
-                    raise RuntimeError(f"environment worker: unknown call {method!r}")
+                    result = call_hosted(hosted, eid, method, args, "environment worker")
                 reply = (rid, "ok", _dump("result", result), "")
             except Exception as e:
                 tb = getattr(e, "__traceback_text__", None) or traceback.format_exc()
