@@ -23,15 +23,19 @@ def _group_letters(t: TableModel) -> list[str]:
     return list(string.ascii_uppercase[: len(t.groups)])
 
 
+def _letter_of_column(t: TableModel) -> dict[int, str]:
+    """Column index -> its group's letter (formats without column groups label them so)."""
+    out, j = {}, t.left
+    for letter, (_, span) in zip(_group_letters(t), t.groups):
+        out.update({i: letter for i in range(j, j + span)})
+        j += span
+    return out
+
+
 def table_markdown(t: TableModel, heading: str = "##") -> str:
-    header = list(t.header)
-    if t.groups:  # Markdown has no column groups: suffix each column with its group's letter
-        letters = _group_letters(t)
-        j = t.left
-        for letter, (_, span) in zip(letters, t.groups):
-            for i in range(j, j + span):
-                header[i] = f"{header[i]} ({letter})"
-            j += span
+    # Markdown has no column groups: each grouped column is suffixed with its group's letter
+    letter = _letter_of_column(t)
+    header = [f"{h} ({letter[i]})" if i in letter else h for i, h in enumerate(t.header)]
     body = [[(f"**{c.text}**" if c.bold else c.text) + (f" {c.extra}" if c.extra else "") for c in row]
             for row in t.rows]
     lines = [f"{heading} {t.title}", "", t.caption, ""]
@@ -120,12 +124,7 @@ def latex_document(fragment: str) -> str:
 def table_rich(t: TableModel) -> Table:
     table = Table(title=t.title, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     letters = _group_letters(t)
-    group_of: dict[int, str] = {}
-    j = t.left
-    for letter, (_, span) in zip(letters, t.groups):
-        for i in range(j, j + span):
-            group_of[i] = letter
-        j += span
+    group_of = _letter_of_column(t)
     for i, h in enumerate(t.header):
         name = SHORT.get(h, h) + (f" {group_of[i]}" if i in group_of else "")
         table.add_column(name, justify="left" if i < t.left else "right", no_wrap=True)
