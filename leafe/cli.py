@@ -105,14 +105,15 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
                           f"[{colors[st]}]{st}[/{colors[st]}]")
         console.print(table)
     spec_ = loaded.spec
-    if spec_.env.workers >= 1:
+    workers = spec_.runtime.env_workers
+    if workers.count >= 1:
         if spec_.runtime.engine == "ray":
             where = (f"the Ray cluster at {spec_.runtime.ray.address}" if spec_.runtime.ray.address
                      else "a private local Ray instance")
-            console.print(f"environment workers: {spec_.env.workers} Ray actors "
-                          f"({spec_.runtime.ray.actor_num_cpus:g} CPU each) on {where}")
+            console.print(f"environment workers: {workers.count} Ray actors "
+                          f"({workers.num_cpus:g} CPU each) on {where}")
         else:
-            console.print(f"environment workers: {spec_.env.workers} local processes")
+            console.print(f"environment workers: {workers.count} local processes")
     training = spec_.runtime.training
     if training.launcher == "accelerate":
         from leafe.methods.launch import launch_command

@@ -23,3 +23,12 @@ class NonDeterministicEnvError(RuntimeError):
 class EnvWorkerError(RuntimeError):
     """An environment worker process died or hung (and was restarted): the state of every
     environment it hosted is lost. Evaluation re-runs the affected chunk from its start."""
+
+
+class EnvWorkersExhausted(UserError):
+    """More environment workers were replaced in one stage than `runtime.env_workers.max_restarts`
+    allows: the stage stops instead of retrying a failure that recurs."""
+
+
+class EnvWorkersFull(UserError):
+    """A batch needs more environments at once than count * envs_per_worker."""

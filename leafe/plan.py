@@ -13,7 +13,7 @@ from typing import Any, Callable
 import leafe
 from leafe.errors import SpecError
 from leafe.spec.loader import LoadedSpec
-from leafe.spec.schema import EXECUTION_ONLY, METHOD_ONLY, MODEL_EXECUTION_ONLY
+from leafe.spec.schema import METHOD_ONLY, MODEL_EXECUTION_ONLY
 
 EVAL_VERSION = 1
 
@@ -84,7 +84,7 @@ def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
     spec = loaded.spec
     common = {
         "seed": spec.seed,
-        "env": spec.env.model_dump(mode="json", exclude=EXECUTION_ONLY | METHOD_ONLY),
+        "env": spec.env.model_dump(mode="json", exclude=METHOD_ONLY),
         "env_options": loaded.env_options.model_dump(mode="json"),
         "policy": spec.models.policy.model_dump(mode="json", exclude=MODEL_EXECUTION_ONLY),
     }

@@ -7,9 +7,9 @@ episode. On resume, steps of unfinished episodes are dropped and every incomplet
 re-run whole (so its samples are exactly those of an uninterrupted run); only episodes not
 yet recorded are written.
 
-With `env.workers` >= 1 the environments live in a pool of worker processes. A chunk whose
-worker crashed or hung is re-run the same way (same seed, its recorded episodes skipped, its
-partial steps dropped), up to `env.episode_retries` times; then its unrecorded episodes are
+With `runtime.env_workers.count` >= 1 the environments live in a pool of worker processes (or
+Ray actors). A chunk whose worker crashed or hung is re-run the same way (same seed, its
+recorded episodes skipped, its partial steps dropped), up to `episode_retries` times; then its unrecorded episodes are
 recorded as errored failures (`error` field), never dropped.
 """
 
@@ -59,23 +59,26 @@ class StageContext:
 
     @contextlib.contextmanager
     def env_factory(self) -> Iterator[Callable[[], Env]]:
-        """A `make_env` for the agent loop: in-process environments, or with `env.workers`
-        >= 1 proxies of environments in a worker pool, local processes or Ray actors
-        (`runtime.engine`; closed on exit)."""
-        env = self.spec.env
-        if env.workers < 1:
+        """A `make_env` for the agent loop: in-process environments, or with
+        `runtime.env_workers.count` >= 1 proxies of environments in a worker pool, local
+        processes or Ray actors (`runtime.engine`; closed on exit)."""
+        w = self.spec.runtime.env_workers
+        if w.count < 1:
             yield self.make_env
             return
+        adapter = self.spec.env.adapter
         options = self.loaded.env_options.model_dump(mode="json")
+        limits = {"n": w.count, "timeout": w.step_timeout_s, "max_restarts": w.max_restarts,
+                  "envs_per_worker": w.envs_per_worker}
         if self.spec.runtime.engine == "ray":
             from leafe.envs.ray_pool import RayPool
 
-            pool = RayPool(env.adapter, options, n=env.workers, timeout=env.step_timeout,
-                           ray_spec=self.spec.runtime.ray)
+            pool = RayPool(adapter, options, ray_spec=self.spec.runtime.ray, num_cpus=w.num_cpus,
+                           resources=w.resources, **limits)
         else:
             from leafe.envs.workers import WorkerPool
 
-            pool = WorkerPool(env.adapter, options, n=env.workers, timeout=env.step_timeout)
+            pool = WorkerPool(adapter, options, **limits)
         with pool:
             yield pool.make
 
@@ -194,7 +197,7 @@ def run_eval(ctx: StageContext) -> dict:
         )
         loaded = ctx.load_models(("policy",), ctx.start_checkpoint())
         model = loaded["policy"]
-        retries = spec.env.episode_retries
+        retries = spec.runtime.env_workers.episode_retries
         try:
             with ctx.env_factory() as make_env, \
                     StageProgress(ctx.console, ctx.stage.id, len(pairs), len(finished)) as bar:

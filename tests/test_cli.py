@@ -90,14 +90,14 @@ def test_plan_shows_one_stage_graph_per_seed(tmp_path):
 def test_plan_says_where_workers_run_and_how_training_launches(tmp_path):
     f = tmp_path / "ok.yaml"
     f.write_text(SPEC)
-    r = leafe("plan", str(f), "--runs-dir", str(tmp_path), "--set", "env.workers=3", "--set", "runtime.engine=ray",
+    r = leafe("plan", str(f), "--runs-dir", str(tmp_path), "--set", "runtime.env_workers.count=3", "--set", "runtime.engine=ray",
               "--set", "runtime.training.launcher=accelerate", "--set", "runtime.training.num_processes=2")
     assert r.returncode == 0, r.stderr
     out = " ".join(r.stdout.split())
     assert "environment workers: 3 Ray actors (0.25 CPU each) on a private local Ray instance" in out
     assert "training stages run as: accelerate launch --multi_gpu --num_processes 2" in out
     r = leafe("plan", str(f), "--runs-dir", str(tmp_path), "--set", "runtime.engine=ray")
-    assert r.returncode == 2 and "set env.workers" in r.stderr
+    assert r.returncode == 2 and "set runtime.env_workers.count" in r.stderr
 
 
 def test_missing_spec_file_exits_2(tmp_path):

@@ -7,10 +7,11 @@ max_task_retries=0` (Ray's own task retries would replay a failed step on a fres
 environment: wrong trajectories). An actor that dies (its process or its node) or does not
 answer within `timeout` seconds is killed and replaced; the call raises `EnvWorkerError`, and
 so does any later call on the other environments it hosted. The agent loop's callers then
-re-run the affected episodes (`env.episode_retries`), exactly as with local workers.
+re-run the affected episodes (`runtime.env_workers.episode_retries`), exactly as with local
+workers.
 
-Placement: actors ask for `runtime.ray.actor_num_cpus` CPUs each (a fraction is fine) plus
-`actor_resources`, spread over the cluster's nodes (`SPREAD`). Without `runtime.ray.address`
+Placement: actors ask for `runtime.env_workers.num_cpus` CPUs each (a fraction is fine) plus
+its `resources`, spread over the cluster's nodes (`SPREAD`). Without `runtime.ray.address`
 the pool starts a private local Ray instance (and stops it on close); with an address it joins
 that cluster (`auto`, `ray://...` or `host:port`) and leaves it running.
 """
@@ -22,7 +23,7 @@ import os
 from typing import Any
 
 from leafe.envs.base import Env
-from leafe.envs.workers import ProxyEnv, call_hosted
+from leafe.envs.workers import ProxyEnv, call_hosted, check_capacity, count_restart
 from leafe.errors import EnvWorkerError, UserError
 
 
@@ -63,7 +64,7 @@ class _Slot:
         self.pool, self.index, self.gen, self.live = pool, index, 0, 0
         self.actor = pool._spawn()
 
-    def replace(self) -> None:
+    def replace(self, reason: str) -> None:
         import ray
 
         try:
@@ -72,7 +73,7 @@ class _Slot:
             pass
         self.gen += 1
         self.live = 0
-        self.pool.restarts += 1
+        count_restart(self.pool, reason)
         self.actor = self.pool._spawn()
 
 
@@ -80,7 +81,9 @@ class RayPool:
     """`n` Ray actors hosting environments of one adapter (the local `WorkerPool`'s API)."""
 
     def __init__(self, env_name: str, options: dict[str, Any] | None = None, n: int = 1,
-                 timeout: float = 120.0, ray_spec: Any = None, target: str | None = None):
+                 timeout: float = 120.0, ray_spec: Any = None, target: str | None = None,
+                 num_cpus: float = 0.25, resources: dict[str, float] | None = None,
+                 max_restarts: int | None = None, envs_per_worker: int | None = None):
         try:
             import ray
         except ImportError:
@@ -93,6 +96,7 @@ class RayPool:
         self.env_name, self.options, self.timeout = env_name, dict(options or {}), float(timeout)
         self.target = target or f"{cls.__module__}:{cls.__qualname__}"
         self.spec = ray_spec
+        self.max_restarts, self.envs_per_worker = max_restarts, envs_per_worker
         self.restarts = 0
         self._closed = False
         self._own_ray = False
@@ -107,8 +111,7 @@ class RayPool:
                 self._own_ray = True
             else:
                 ray.init(address=address, **kwargs)
-        num_cpus = getattr(ray_spec, "actor_num_cpus", 0.25)
-        resources = dict(getattr(ray_spec, "actor_resources", None) or {})
+        resources = dict(resources or {})
         self._actor_cls = ray.remote(num_cpus=num_cpus, resources=resources or None, max_restarts=0,
                                      max_task_retries=0, scheduling_strategy="SPREAD")(_EnvHost)
         self._next_eid = 0
@@ -150,11 +153,11 @@ class RayPool:
         try:
             return ray.get(ref, timeout=self.timeout)
         except GetTimeoutError:
-            slot.replace()
+            slot.replace(f"Ray actor {slot.index} did not answer within {self.timeout:g} s")
             raise EnvWorkerError(f"{self.env_name}: Ray actor {slot.index} did not answer within "
                                  f"{self.timeout:g} s; killed and replaced") from None
         except (RayActorError, WorkerCrashedError) as e:
-            slot.replace()
+            slot.replace(f"Ray actor {slot.index} died ({type(e).__name__})")
             raise EnvWorkerError(f"{self.env_name}: Ray actor {slot.index} died ({type(e).__name__}); "
                                  "replaced") from None
 
@@ -164,6 +167,7 @@ class RayPool:
             raise RuntimeError("the Ray pool is closed")
         n = len(self._slots)
         s = min(self._slots, key=lambda s: (s.live, (s.index - self._rr) % n))
+        check_capacity(self, s.live)
         self._rr = (s.index + 1) % n
         self._next_eid += 1
         return RayEnv(self, s, self._next_eid)

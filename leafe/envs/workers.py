@@ -34,7 +34,7 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 from leafe.envs.base import Env, Observation, Snapshot, Step
-from leafe.errors import EnvWorkerError
+from leafe.errors import EnvWorkerError, EnvWorkersExhausted, EnvWorkersFull
 
 #: Seconds a fresh worker may take to start (import leafe and say hello) before it counts as
 #: hung; its first call's own `timeout` starts after that.
@@ -44,6 +44,27 @@ CLOSE_GRACE = 5.0
 
 # Calls a worker forwards to its environments (anything else is refused).
 _ENV_METHODS = {"reset", "step", "snapshot", "restore", "expert", "tasks", "splits"}
+
+
+# -- limits shared by the local and the Ray pool -------------------------------------------
+def count_restart(pool: Any, reason: str) -> None:
+    """Count one worker replacement in `pool`; past its `max_restarts` raise EnvWorkersExhausted
+    (the failed worker is already gone; no replacement is started)."""
+    pool.restarts += 1
+    if pool.max_restarts is not None and pool.restarts > pool.max_restarts:
+        raise EnvWorkersExhausted(
+            f"{pool.env_name}: environment workers failed {pool.restarts} times in this stage, more than "
+            f"runtime.env_workers.max_restarts = {pool.max_restarts}; the last failure: {reason}. Check "
+            "the environment's install and the machines' memory, or raise max_restarts")
+
+
+def check_capacity(pool: Any, least_loaded: int) -> None:
+    """Refuse a new environment when even the least loaded worker hosts `envs_per_worker`."""
+    if pool.envs_per_worker is not None and least_loaded >= pool.envs_per_worker:
+        raise EnvWorkersFull(
+            f"{pool.env_name}: a batch needs more than runtime.env_workers.count * envs_per_worker = "
+            f"{pool.n} * {pool.envs_per_worker} environments at once; raise count or envs_per_worker, "
+            "or lower the batch size (eval.batch_size, or the method's)")
 
 
 # -- worker process side ---------------------------------------------------------------------
@@ -240,7 +261,7 @@ class _Worker:
                 # Replies already buffered count as progress (they may be older than the
                 # deadline when nobody was reading): time out only when none is there.
                 if not self.conn.poll(max(deadline - time.monotonic(), 0.0)):
-                    what = (f"did not answer within {self.pool.timeout:g} s (env.step_timeout)"
+                    what = (f"did not answer within {self.pool.timeout:g} s (runtime.env_workers.step_timeout_s)"
                             if self.ready else
                             f"did not start within {max(START_TIMEOUT, self.pool.timeout):g} s")
                     self.fail(what + " and was killed")
@@ -290,16 +311,16 @@ class _Worker:
     def fail(self, what: str) -> None:
         """Kill the worker (and its children), start a fresh one, raise EnvWorkerError."""
         pid, hosted = self.pid, self.live
-        self.restart()
+        self.restart(f"worker {self.slot} (pid {pid}) {what}")
         raise EnvWorkerError(
             f"{self.pool.env_name}: environment worker {self.slot} (pid {pid}) {what}; a fresh "
             f"worker replaces it (the state of the {hosted} environment(s) it hosted is lost)")
 
-    def restart(self) -> None:
+    def restart(self, reason: str = "it died") -> None:
         """Kill the worker and start a fresh one; its environments are lost."""
         self.kill()
         self.gen += 1
-        self.pool.restarts += 1
+        count_restart(self.pool, reason)
         self._start()
 
     def kill(self) -> None:
@@ -332,11 +353,13 @@ class WorkerPool:
     """
 
     def __init__(self, env_name: str, options: dict[str, Any] | None = None, n: int = 1,
-                 timeout: float = 120.0, target: str | None = None):
+                 timeout: float = 120.0, target: str | None = None, max_restarts: int | None = None,
+                 envs_per_worker: int | None = None):
         from leafe import envs
 
         if n < 1:
             raise ValueError(f"a worker pool needs n >= 1 workers, got {n}")
+        self.max_restarts, self.envs_per_worker = max_restarts, envs_per_worker
         cls = envs.env_class(env_name)  # an unknown name fails here, not in the workers
         self.env_name = env_name
         self.options = dict(options or {})
@@ -377,9 +400,10 @@ class WorkerPool:
             raise RuntimeError("the worker pool is closed")
         n = len(self._workers)
         w = min(self._workers, key=lambda w: (w.live, (w.slot - self._rr) % n))
+        check_capacity(self, w.live)
         self._rr = (w.slot + 1) % n
         if w.proc.poll() is not None:  # died since its last call: replace it first
-            w.restart()
+            w.restart(f"worker {w.slot} died between calls")
         self._next_eid += 1
         return PooledEnv(self, w, self._next_eid)
 

@@ -84,25 +84,22 @@ class EnvSpec(Strict):
     reflection_hint: str | None = None
     """A short note on this environment's typical mistakes, given to reflecting methods'
     prompts (LEAFE's reflection template gets it as `hint`); set in the environment preset."""
-    # How environments are run, not what they compute: `EXECUTION_ONLY`, left out of stage
-    # keys (changing them neither re-runs nor invalidates finished stages).
-    workers: int = Field(0, ge=0)
-    """Worker processes hosting the episodes' environments during evaluation (0: in the
-    main process). With N >= 1 the environments of a chunk step in parallel on N processes,
-    and a crashed or hung environment is killed and its chunk re-run; the records are the
-    same as with 0. Worth it for slow environments (ScienceWorld, ALFWorld), not Sokoban."""
-    step_timeout: float = Field(120.0, gt=0)
-    """Seconds one environment call (create, reset, step, restore, ...) may take in a worker
-    (with `workers` >= 1); a worker silent for longer is killed with its child processes
-    and restarted, and the chunk is re-run."""
-    episode_retries: int = Field(2, ge=0)
-    """Re-runs of an evaluation chunk after a worker crash or hang (with `workers` >= 1);
-    when they fail too, the chunk's unrecorded episodes are recorded as errored (failures,
-    with an `error` field)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        # leafe 0.3 moved how environments are hosted to `runtime.env_workers`
+        if isinstance(data, dict):
+            for old, new in MOVED_ENV_FIELDS.items():
+                if old in data:
+                    raise ValueError(f"env.{old} moved to runtime.env_workers.{new}: write "
+                                     f"`runtime: {{env_workers: {{{new}: {data[old]!r}}}}}`")
+        return data
 
 
-#: EnvSpec fields that do not change results (left out of stage keys; kept in the manifest).
-EXECUTION_ONLY = {"workers", "step_timeout", "episode_retries"}
+#: Fields leafe 0.2 had in `env:` and their place in `runtime.env_workers` (a clear error names it).
+MOVED_ENV_FIELDS = {"workers": "count", "step_timeout": "step_timeout_s", "episode_retries": "episode_retries"}
+
 #: EnvSpec fields only some methods read: left out of the common stage inputs; the stages that
 #: read them add them to their own `StageDef.inputs`.
 METHOD_ONLY = {"reflection_hint"}
@@ -307,21 +304,129 @@ class RaySpec(Strict):
     """CPUs of the private local instance (unset: all)."""
     runtime_env: dict[str, Any] | None = None
     """Ray's runtime_env for the actors (e.g. `{env_vars: {...}}`; the actors must import leafe)."""
-    actor_num_cpus: float = Field(0.25, gt=0)
-    """CPUs each environment actor reserves (a fraction: environments mostly wait)."""
-    actor_resources: dict[str, float] | None = None
-    """Custom resources each actor requires, to place them on chosen nodes."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in {"actor_num_cpus": "num_cpus", "actor_resources": "resources"}.items():
+                if old in data:
+                    raise ValueError(f"runtime.ray.{old} moved to runtime.env_workers.{new}")
+        return data
+
+
+class EnvWorkersSpec(Strict):
+    """Where the episodes' environments live during rollouts and evaluation, and what leafe
+    does when one crashes or hangs (the same policy on both engines). How, not what: the
+    records are the same with any setting."""
+
+    count: int = Field(0, ge=0)
+    """Worker processes (`engine: local`) or Ray actors (`engine: ray`) hosting the
+    environments (0: in the main process). With N >= 1 the environments of a batch step in
+    parallel on N workers, and a crashed or hung worker is killed, replaced, and its batch
+    re-run. Worth it for slow environments (ScienceWorld, ALFWorld), not Sokoban."""
+    envs_per_worker: int | None = Field(None, ge=1)
+    """Most environments one worker hosts at a time (unset: no limit; a batch's environments
+    are spread evenly). With a limit, a batch needing more than count * envs_per_worker
+    environments at once is an error naming the settings to change (a guard for memory-heavy
+    environments such as WebShop's full index)."""
+    num_cpus: float = Field(0.25, gt=0)
+    """CPUs each Ray actor reserves (`engine: ray`; a fraction is fine, environments mostly
+    wait). Local worker processes are not pinned."""
+    resources: dict[str, float] | None = None
+    """Custom Ray resources each actor requires, to place them on chosen nodes (`engine: ray`)."""
+    step_timeout_s: float = Field(120.0, gt=0)
+    """Seconds one environment call (create, reset, step, restore, ...) may take; a worker
+    silent for longer is killed (with its child processes) and replaced, and its batch re-run."""
+    episode_retries: int = Field(2, ge=0)
+    """Re-runs of a batch after a worker crash or hang; when they fail too, the batch's
+    unrecorded episodes are recorded as errored (failures, with an `error` field)."""
+    max_restarts: int | None = Field(None, ge=0)
+    """Worker replacements one stage allows before it stops with an error (unset: no limit). A
+    crash that recurs at every start (a broken install, a node out of memory) then fails the
+    stage at once instead of burning through every batch's retries."""
+
+
+class GenerationRuntime(Strict):
+    """Where the policy's text is generated during rollouts and evaluation. `local`: by the
+    policy's own backend in the `leafe run` process. `vllm` / `openai`: by inference servers
+    speaking the OpenAI API, requests spread over them (litellm's router). How, not what:
+    left out of stage keys."""
+
+    backend: Literal["local", "vllm", "openai"] = "local"
+    """`local`; `vllm`: vLLM servers (managed ones run `vllm serve`; GRPO generates through
+    TRL's server mode, `trl vllm-serve`, which receives the trained weights after every
+    update); `openai`: any other OpenAI-compatible server (SGLang, `transformers serve`, ...),
+    managed ones need `command` (GRPO cannot use them: no weight sync)."""
+    launch: Literal["external", "managed"] = "external"
+    """`external`: the servers at `servers` are already running and serve the spec's policy
+    (`models.policy.name`), so only stages that generate with the untrained policy can use
+    them, and GRPO (whose server receives every update); `managed`: leafe starts
+    `num_servers` servers per stage, serving that stage's checkpoint, and stops them after."""
+    servers: list[str] | None = Field(None, min_length=1)
+    """`launch: external`: base URLs of the servers' OpenAI API (`http://host:8000/v1`)."""
+    served_model_name: str | None = None
+    """`launch: external`: the model name the servers answer to (unset: `models.policy.name`)."""
+    num_servers: int = Field(1, ge=1)
+    """`launch: managed`: servers started per stage (data parallel replicas)."""
+    tensor_parallel_size: int = Field(1, ge=1)
+    """`launch: managed`: GPUs per server (`--tensor-parallel-size`)."""
+    gpus: list[int] | None = None
+    """`launch: managed`: GPU indices given to the servers, tensor_parallel_size consecutive
+    ones per server (unset: 0 .. num_servers * tensor_parallel_size - 1). GRPO trains on the
+    GPUs not listed here (set CUDA_VISIBLE_DEVICES of `leafe run` to them)."""
+    host: str = "127.0.0.1"
+    """`launch: managed`: the interface the servers listen on."""
+    port: int = Field(8100, ge=1, le=65535)
+    """`launch: managed`: the first server's port; server i listens on port + i."""
+    command: list[str] | None = None
+    """`launch: managed`: the server command, each item a Jinja-free `{placeholder}` template
+    (`{model}`, `{name}`, `{host}`, `{port}`, `{tp}`, `{seed}`, `{max_model_len}`). Unset with
+    `backend: vllm`: `vllm serve {model} --served-model-name {name} --host {host} --port
+    {port} --tensor-parallel-size {tp} --seed {seed}` (GRPO: `trl vllm-serve --model {model}
+    --host {host} --port {port} --tensor-parallel-size {tp}`)."""
+    extra_args: list[str] = Field(default_factory=list)
+    """`launch: managed`: arguments appended to the command (e.g. `[--gpu-memory-utilization, '0.8']`)."""
+    startup_timeout_s: float = Field(900.0, gt=0)
+    """`launch: managed`: seconds a server may take to answer `/health` (loading a 72B model
+    takes minutes)."""
+    concurrency: int = Field(32, ge=1)
+    """Requests in flight across all servers (servers batch them)."""
+    timeout_s: float = Field(600.0, gt=0)
+    """Seconds one request may take."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "GenerationRuntime":
+        if self.backend == "local":
+            return self
+        if self.launch == "external" and not self.servers:
+            raise ValueError(f"runtime.generation.launch: external needs `servers` (the running servers' "
+                             "base URLs, e.g. [http://10.0.0.5:8000/v1])")
+        if self.launch == "managed":
+            if self.servers:
+                raise ValueError("runtime.generation.servers lists running servers (launch: external); "
+                                 "managed servers are started by leafe on host:port, port+1, ...")
+            if self.backend == "openai" and not self.command:
+                raise ValueError("runtime.generation.backend: openai with launch: managed needs `command` "
+                                 "(how to start the server), e.g. [transformers, serve, '{model}', --port, '{port}']")
+            if self.gpus is not None and len(self.gpus) != self.num_servers * self.tensor_parallel_size:
+                raise ValueError(f"runtime.generation.gpus lists {len(self.gpus)} GPU(s); num_servers * "
+                                 f"tensor_parallel_size = {self.num_servers * self.tensor_parallel_size}")
+        return self
 
 
 class RuntimeSpec(Strict):
     """How the experiment is executed (never what it computes: not part of any stage key)."""
 
     engine: Literal["local", "ray"] = "local"
-    """Where environment workers (`env.workers` of them) run: local processes, or Ray actors on
-    a cluster. Same records either way; failures follow leafe's policy (`env.step_timeout`,
-    `env.episode_retries`) on both."""
+    """Where environment workers (`env_workers.count` of them) run: local processes, or Ray
+    actors on a cluster. Same records either way, and the same failure policy."""
+    env_workers: EnvWorkersSpec = Field(default_factory=EnvWorkersSpec)
+    """Environment workers: how many, their limits and the failure policy."""
     ray: RaySpec = Field(default_factory=RaySpec)
     """The cluster (with `engine: ray`)."""
+    generation: GenerationRuntime = Field(default_factory=GenerationRuntime)
+    """Where the policy generates during rollouts and evaluation (inference servers)."""
     training: TrainingRuntime = Field(default_factory=TrainingRuntime)
     """Launching of training stages."""
 
@@ -426,10 +531,14 @@ class Spec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _ray_needs_workers(self) -> "Spec":
-        if self.runtime.engine == "ray" and self.env.workers < 1:
-            raise ValueError("runtime.engine: ray runs the environments in Ray actors: set env.workers "
-                             "to the number of actors (>= 1)")
+    def _runtime_fits(self) -> "Spec":
+        if self.runtime.engine == "ray" and self.runtime.env_workers.count < 1:
+            raise ValueError("runtime.engine: ray runs the environments in Ray actors: set "
+                             "runtime.env_workers.count to the number of actors (>= 1)")
+        gen = self.runtime.generation
+        if gen.backend != "local" and self.models.policy.backend == "litellm":
+            raise ValueError("runtime.generation serves the policy's weights on inference servers; the "
+                             "policy is an API model (backend: litellm) already: set generation.backend: local")
         return self
 
     def role(self, name: str) -> ModelSpec:

@@ -88,7 +88,7 @@ def test_a_killed_actor_raises_and_is_replaced():
 def test_eval_on_ray_reruns_the_chunk_of_a_killed_or_hung_actor(tmp_path, scripted_reference, monkeypatch, fault):
     marker = tmp_path / "faulted"
     recs, metrics, out = run_eval_scripted(tmp_path, [
-        "env.workers=2", "runtime.engine=ray", "runtime.ray.num_cpus=2", "env.step_timeout=6",
+        "runtime.env_workers.count=2", "runtime.engine=ray", "runtime.ray.num_cpus=2", "runtime.env_workers.step_timeout_s=6",
         f"env.options.fault={fault}", *FAULT_ONCE, f"env.options.marker={marker}"], monkeypatch)
     assert marker.exists()
     check_once(recs)
@@ -99,8 +99,8 @@ def test_eval_on_ray_reruns_the_chunk_of_a_killed_or_hung_actor(tmp_path, script
 
 
 def test_same_spec_and_seed_local_and_ray_give_identical_records(tmp_path, leafe_cache):
-    local = run_spec(tmp_path / "local", ["env.workers=2"])
-    on_ray = run_spec(tmp_path / "ray", ["env.workers=2", "runtime.engine=ray", "runtime.ray.num_cpus=2"])
+    local = run_spec(tmp_path / "local", ["runtime.env_workers.count=2"])
+    on_ray = run_spec(tmp_path / "ray", ["runtime.env_workers.count=2", "runtime.engine=ray", "runtime.ray.num_cpus=2"])
     check_once(on_ray[0])
     assert sorted(on_ray[0], key=key) == sorted(local[0], key=key)
     assert same_metrics(on_ray[1], local[1]) and on_ray[1]["env_errors"] == 0
@@ -146,8 +146,8 @@ def test_two_node_cluster_survives_a_killed_node(tmp_path, scripted_reference, m
     try:
         t0 = time.monotonic()
         recs, metrics, out = run_eval_scripted(tmp_path, [
-            "env.workers=2", "runtime.engine=ray", f"runtime.ray.address={cluster.address}",
-            "runtime.ray.actor_resources={envnode: 1}", "env.step_timeout=90", "env.episode_retries=4",
+            "runtime.env_workers.count=2", "runtime.engine=ray", f"runtime.ray.address={cluster.address}",
+            "runtime.env_workers.resources={envnode: 1}", "runtime.env_workers.step_timeout_s=90", "runtime.env_workers.episode_retries=4",
             "env.options.fault=hang", *FAULT_ONCE, f"env.options.marker={marker}"], monkeypatch)
         elapsed = time.monotonic() - t0
         t.join(5)

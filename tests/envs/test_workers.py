@@ -390,7 +390,7 @@ def test_eval_reruns_the_chunk_of_a_crashed_or_hung_worker(tmp_path, scripted_re
                                                            monkeypatch, fault):
     marker = tmp_path / "faulted"
     recs, metrics, out = run_eval_scripted(tmp_path, [
-        "env.workers=2", "env.step_timeout=4", f"env.options.fault={fault}", *FAULT_ONCE,
+        "runtime.env_workers.count=2", "runtime.env_workers.step_timeout_s=4", f"env.options.fault={fault}", *FAULT_ONCE,
         f"env.options.marker={marker}"], monkeypatch)
     assert marker.exists()  # the fault happened
     check_once(recs)
@@ -407,7 +407,7 @@ def test_eval_reruns_the_chunk_of_a_crashed_or_hung_worker(tmp_path, scripted_re
 def test_eval_records_errored_episodes_when_retries_run_out(tmp_path, scripted_reference, worker_pids,
                                                             monkeypatch):
     recs, metrics, out = run_eval_scripted(tmp_path, [
-        "env.workers=2", "env.episode_retries=1", "env.options.fault=kill",
+        "runtime.env_workers.count=2", "runtime.env_workers.episode_retries=1", "env.options.fault=kill",
         "env.options.fault_step=0", "env.options.fault_task=test-00002"], monkeypatch)
     check_once(recs)
     errored = [r for r in recs if r["kind"] == "episode" and "error" in r]
@@ -424,13 +424,13 @@ def test_eval_records_errored_episodes_when_retries_run_out(tmp_path, scripted_r
 
 
 def test_runner_with_workers_survives_a_killed_worker(tmp_path, leafe_cache, worker_pids):
-    """End to end with the tiny model and `--set env.workers=2`: a worker SIGKILLed mid-episode
+    """End to end with the tiny model and `--set runtime.env_workers.count=2`: a worker SIGKILLed mid-episode
     costs a chunk re-run, and the records equal those of a run in the main process."""
     ref_recs, ref_metrics, _ = run_spec(tmp_path / "ref", [])
     assert not worker_pids
     marker = tmp_path / "faulted"
     recs, metrics, out = run_spec(tmp_path / "pooled", [
-        "env.workers=2", "env.options.fault=kill", *FAULT_ONCE, f"env.options.marker={marker}"])
+        "runtime.env_workers.count=2", "env.options.fault=kill", *FAULT_ONCE, f"env.options.marker={marker}"])
     assert marker.exists() and "re-running chunk 0 (retry 1/2)" in out
     check_once(recs)
     assert any(r["kind"] == "step" and r["action"] for r in recs)  # the envs were stepped
@@ -453,7 +453,51 @@ def test_worker_settings_do_not_change_stage_hashes(tmp_path):
     f = tmp_path / "pooled.yaml"
     f.write_text(SPEC)
     plain = build_plan(load_spec(f), tmp_path)
-    pooled = build_plan(load_spec(f, ["env.workers=4", "env.step_timeout=9", "env.episode_retries=0"]),
+    pooled = build_plan(load_spec(f, ["runtime.env_workers.count=4", "runtime.env_workers.step_timeout_s=9", "runtime.env_workers.episode_retries=0"]),
                         tmp_path)
     assert [s.hash for s in plain.stages] == [s.hash for s in pooled.stages]
-    assert load_spec(f, ["env.workers=4"]).spec.env.workers == 4
+    assert load_spec(f, ["runtime.env_workers.count=4"]).spec.runtime.env_workers.count == 4
+
+
+def test_max_restarts_stops_a_failure_that_recurs():
+    """With `max_restarts: 1` the first crash is replaced as usual; the second stops with a clear
+    error instead of burning through every chunk's retries, and no worker is left behind."""
+    from leafe.errors import EnvWorkersExhausted
+
+    opts = {**OPTS, "fault": "kill", "fault_step": 0}  # every episode kills its worker at once
+    with WorkerPool("faulty-sokoban", opts, n=1, timeout=30, max_restarts=1) as pool:
+        env = pool.make()
+        env.reset("test-00000")
+        with pytest.raises(EnvWorkerError, match="killed by SIGKILL"):
+            env.step("up")
+        assert pool.restarts == 1
+        env = pool.make()
+        env.reset("test-00000")
+        with pytest.raises(EnvWorkersExhausted, match=r"failed 2 times .*max_restarts = 1; the last "
+                                                      r"failure: worker 0 \(pid \d+\) was killed by SIGKILL"):
+            env.step("up")
+        pids = pool.pids()
+    assert all(wait_dead(p) for p in pids) and worker_processes() == []
+
+
+def test_envs_per_worker_caps_the_environments_a_worker_hosts():
+    from leafe.errors import EnvWorkersFull
+
+    with WorkerPool("sokoban", OPTS, n=2, timeout=30, envs_per_worker=2) as pool:
+        es = [pool.make() for _ in range(4)]
+        assert sorted(Counter(e.worker_pid for e in es).values()) == [2, 2]
+        with pytest.raises(EnvWorkersFull, match=r"count \* envs_per_worker = 2 \* 2"):
+            pool.make()
+        es[0].close()  # a freed place is used again
+        fresh = pool.make()
+        assert fresh.worker_pid == es[0].worker_pid
+        assert fresh.reset("test-00001").text.startswith("Game started")
+
+
+def test_moved_worker_fields_name_their_new_place(tmp_path):
+    f = tmp_path / "old.yaml"
+    f.write_text(SPEC.replace("max_steps:", "workers: 4\n  max_steps:", 1))
+    r = subprocess.run([sys.executable, "-m", "leafe", "validate", str(f)], capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert "env.workers moved to runtime.env_workers.count" in r.stderr
+    assert "Traceback" not in r.stderr
