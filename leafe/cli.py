@@ -114,6 +114,11 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
                           f"({workers.num_cpus:g} CPU each) on {where}")
         else:
             console.print(f"environment workers: {workers.count} local processes")
+    if spec_.runtime.generation.backend != "local":
+        from leafe.models.servers import describe
+
+        for line in describe(spec_.runtime.generation, any(s.generates == "trained" for s in plans[0][1].stages)):
+            console.print(line, soft_wrap=True)
     training = spec_.runtime.training
     if training.launcher == "accelerate":
         from leafe.methods.launch import launch_command

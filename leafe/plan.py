@@ -30,6 +30,8 @@ class PlannedStage:
     version: int = 1
     run: Callable | None = None
     produces_checkpoint: bool = False
+    generates: str = "none"
+    """`none`, `policy` (samples from its start policy) or `trained` (see StageDef.generates)."""
     hash: str = ""
 
     @property
@@ -100,6 +102,7 @@ def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
                            for r in sd.roles},
                         "method": _config_slice(cfg, sd.config_fields), "stage": sd.inputs},
                 version=sd.version, run=sd.run, produces_checkpoint=sd.produces_checkpoint,
+                generates=sd.generates,
             ))
         for a, b in zip(stages, stages[1:]):
             b.deps.append(a.id)
@@ -143,18 +146,52 @@ def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
         stages.append(PlannedStage(
             id=f"eval.{name}", kind="eval", method=name, deps=[ck] if ck else [],
             inputs={**common, "eval": spec.eval.model_dump(mode="json")}, version=EVAL_VERSION,
+            generates="policy",
         ))
     stages.append(PlannedStage(
         id="report", kind="report", method=None, deps=[s.id for s in stages if s.kind == "eval"],
         inputs={"report": spec.report.model_dump(mode="json")},
     ))
     stages = _toposort(stages)
+    _check_generation(loaded, stages)
     hashes: dict[str, str] = {}
     for s in stages:
         s.hash = _digest({"id": s.id, "kind": s.kind, "inputs": s.inputs, "version": s.version,
                           "code": leafe.__version__, "deps": {d: hashes[d] for d in s.deps}})
         hashes[s.id] = s.hash
     return Plan(spec.name, Path(runs_dir) / spec.name, stages, checkpoint_of)
+
+
+def _check_generation(loaded: LoadedSpec, stages: list[PlannedStage]) -> None:
+    """External inference servers serve one fixed model: refuse, before anything runs, a plan
+    whose stages would need other weights on them (see `leafe.models.servers`)."""
+    gen = loaded.spec.runtime.generation
+    if gen.backend == "local" or gen.launch == "managed":
+        return
+    by_id = {s.id: s for s in stages}
+    where = loaded.where("runtime", "generation")
+
+    def start(s: PlannedStage) -> str | None:  # the checkpoint a stage's policy comes from
+        for d in s.deps:
+            found = d if by_id[d].produces_checkpoint else start(by_id[d])
+            if found:
+                return found
+        return None
+
+    problems = []
+    for s in stages:
+        trained_start = start(s)
+        if s.generates == "policy" and trained_start:
+            problems.append(f"{where}: {s.id} generates with the checkpoint of {trained_start}, which the "
+                            "external servers do not serve; use launch: managed (leafe serves each stage's "
+                            "checkpoint) or backend: local")
+        elif s.generates == "policy" and not gen.servers:
+            problems.append(f"{where}: {s.id} generates with the policy: list the servers serving it in `servers`")
+        elif s.generates == "trained" and not gen.grpo_server:
+            problems.append(f"{where}: {s.id} trains on its own rollouts: set `grpo_server` to a running "
+                            "`trl vllm-serve` (it receives the trained weights), or use launch: managed")
+    if problems:
+        raise SpecError(problems)
 
 
 def _toposort(stages: list[PlannedStage]) -> list[PlannedStage]:

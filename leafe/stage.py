@@ -124,7 +124,11 @@ class StageContext:
         try:
             for role in roles:
                 if role == "policy" or getattr(self.spec.models, role) == "policy":
-                    if policy is None:
+                    if policy is None and self.spec.runtime.generation.backend != "local":
+                        from leafe.models.servers import serve_policy
+
+                        policy = serve_policy(self, checkpoint)
+                    elif policy is None:
                         policy = models.load(self.policy_spec(checkpoint))
                     loaded[role] = policy if role == "policy" else RoleView(policy, role)
                     prov[role] = policy.provenance() if role == "policy" else {"same_as": "policy"}

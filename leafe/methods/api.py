@@ -43,6 +43,10 @@ class StageDef:
     roles: tuple[str, ...] = ()
     """Model roles besides the policy that the stage calls (`reflector`, `teacher`): their
     specs join the stage key, so changing an unused role re-runs nothing."""
+    generates: str = "none"
+    """How the stage samples from the policy, which decides where `runtime.generation` sends it:
+    `none`; `policy` (rollouts of its start policy: exploration, RFT sampling); `trained`
+    (rollouts of the weights it is training, on-policy RL: GRPO)."""
     config_fields: tuple[str, ...] | None = None
     """The method config fields the stage's result depends on (hashed into its key); None: the
     whole config. `method` and `init` always count. A later stage also depends on its

@@ -479,12 +479,14 @@ class EarlyExperienceMethod(Method):
     Config = EarlyExperienceConfig
 
     def stages(self, instance, config, spec):
-        explore = StageDef("explore", run=run_explore, config_fields=EXPLORE_FIELDS)
+        explore = StageDef("explore", run=run_explore, config_fields=EXPLORE_FIELDS, generates="policy")
         if config.variant == "iwm":
             return [explore,
                     StageDef("world_model", run=run_world_model, produces_checkpoint=True,
                              config_fields=WORLD_MODEL_FIELDS),
                     StageDef("train", run=run_iwm_train, produces_checkpoint=True, config_fields=("train",))]
         return [explore,
-                StageDef("reflect", run=run_reflect, roles=("teacher",), config_fields=("rationale",)),
+                # the teacher written as `policy` is the policy that explored (its rationales)
+                StageDef("reflect", run=run_reflect, roles=("teacher",), config_fields=("rationale",),
+                         generates="policy" if spec is not None and spec.spec.models.teacher == "policy" else "none"),
                 StageDef("train", run=run_sr_train, produces_checkpoint=True, config_fields=("rationale", "train"))]

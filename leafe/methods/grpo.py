@@ -252,14 +252,19 @@ class Rollouts:
 
 def _recording_model_class():
     """A TransformersModel that remembers the token ids it sampled for each (conversation,
-    reply text), so training sees exactly the sampled tokens."""
+    reply text), so training sees exactly the sampled tokens. With `client` set (TRL's
+    VLLMClient, server mode) it generates on the server instead, from the same token-id
+    prompts, and remembers the server's per-token log-probabilities too (TRL's importance
+    sampling correction needs them)."""
     from leafe.models.transformers import TransformersModel
 
     class RecordingModel(TransformersModel):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
-            self.sampled: dict[tuple[str, str], list[list[int]]] = {}
+            self.sampled: dict[tuple[str, str], list[tuple[list[int], list[float] | None]]] = {}
             self._ids: list[list[int]] = []
+            self._logps: list[list[float] | None] = []
+            self.client: Any = None
 
         def _completion(self, ids, index, sample, prompt_tokens, max_tokens, stop):
             c = super()._completion(ids, index, sample, prompt_tokens, max_tokens, stop)
@@ -267,43 +272,81 @@ def _recording_model_class():
             return c
 
         def _generate(self, conversations, sampling, seeds):
-            self._ids = []
-            out = super()._generate(conversations, sampling, seeds)
-            for c, ids in zip(out, self._ids):
+            self._ids, self._logps = [], []
+            if self.client is None:
+                out = super()._generate(conversations, sampling, seeds)
+                self._logps = [None] * len(out)
+            else:
+                out = self._generate_on_server(conversations, sampling)
+            for c, ids, logps in zip(out, self._ids, self._logps):
                 key = (json.dumps(conversations[c.index]), c.text)
-                self.sampled.setdefault(key, []).append(ids)
+                self.sampled.setdefault(key, []).append((ids, logps))
             return out
 
-        def completion_ids(self, conversation, text: str) -> list[int] | None:
+        def _generate_on_server(self, conversations, sampling):
+            # One batched request, unseeded: vLLM would give every copy of a prompt (a GRPO
+            # group's first step) the same sample under one request seed.
+            prompts = [self._encode(c) for c in conversations]
+            n = sampling.n
+            rows = [p for p in prompts for _ in range(n)]
+            stop = [s for s in sampling.stop if s]
+            extra = {"stop": stop, "include_stop_str_in_output": True} if stop else None
+            res = self.client.generate(prompts=rows, n=1, temperature=sampling.temperature, top_p=sampling.top_p,
+                                       max_tokens=sampling.max_tokens, logprobs=0, generation_kwargs=extra)
+            out = []
+            logprobs = res.get("logprobs") or [None] * len(rows)
+            for r, (ids, lp) in enumerate(zip(res["completion_ids"], logprobs)):
+                c = self._completion(list(ids), r // n, r % n, len(rows[r]), sampling.max_tokens, stop)
+                # logprobs=0: one entry (the sampled token's) per position
+                self._logps.append(None if lp is None else [t[0] for t in lp][:c.completion_tokens])
+                out.append(c)
+            return out
+
+        def completion_ids(self, conversation, text: str) -> tuple[list[int], list[float] | None] | None:
             queue = self.sampled.get((json.dumps(conversation), text))
             return queue.pop(0) if queue else None
 
     return RecordingModel
 
 
-def build_batch(samples: list[dict], n: int, encode, completion_ids, pad_id: int, rng: random.Random) -> tuple[dict, dict]:
+def trl_server_args(url: str | None, gen: Any) -> dict[str, Any]:
+    """TRL GRPOConfig fields for generation on TRL's vLLM server at `url` (None: in-process)."""
+    if url is None:
+        return {}
+    return {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": url,
+            "vllm_server_timeout": gen.startup_timeout_s}
+
+
+def build_batch(samples: list[dict], n: int, encode, completion_ids, pad_id: int, rng: random.Random,
+                with_logprobs: bool = False) -> tuple[dict, dict]:
     """TRL `rollout_func` output for exactly `n` rows from step `samples`.
 
-    `encode(conversation) -> prompt ids`; `completion_ids(step) -> ids`. More samples than `n`:
-    a seeded random subset; fewer: padding rows with env_mask 0 (no loss) and advantage 0."""
+    `encode(conversation) -> prompt ids`; `completion_ids(step) -> (ids, logprobs or None)`. More
+    samples than `n`: a seeded random subset; fewer: padding rows with env_mask 0 (no loss) and
+    advantage 0. `with_logprobs` (server mode): the sampling log-probabilities per token, None
+    where unknown (TRL then applies no correction to that token)."""
     stats = {"samples": len(samples), "dropped": max(0, len(samples) - n), "padded": max(0, n - len(samples))}
     if len(samples) > n:
         samples = [samples[i] for i in sorted(rng.sample(range(len(samples)), n))]
-    out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": None, "env_mask": [],
-                            "advantage": [], "episode_reward": []}
+    out: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "logprobs": [] if with_logprobs else None,
+                            "env_mask": [], "advantage": [], "episode_reward": []}
     for s in samples:
-        ids = completion_ids(s)
+        ids, logps = completion_ids(s)
         out["prompt_ids"].append(encode(s["prompt"]))
         out["completion_ids"].append(ids)
         out["env_mask"].append([1] * len(ids))
         out["advantage"].append(float(s["advantage"]))
         out["episode_reward"].append(float(s["episode_reward"]))
+        if with_logprobs:
+            out["logprobs"].append(logps if logps is not None and len(logps) == len(ids) else [None] * len(ids))
     for _ in range(n - len(samples)):
         out["prompt_ids"].append([pad_id])
         out["completion_ids"].append([pad_id])
         out["env_mask"].append([0])
         out["advantage"].append(0.0)
         out["episode_reward"].append(None)
+        if with_logprobs:
+            out["logprobs"].append([0.0])
     return out, stats
 
 
@@ -345,6 +388,8 @@ def leafe_grpo_trainer():
 
 
 def run_grpo_stage(ctx) -> None:
+    import contextlib
+
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -353,6 +398,7 @@ def run_grpo_stage(ctx) -> None:
     from leafe.errors import UserError
     from leafe.methods.sft import load_start_policy, save_checkpoint
     from leafe.models.base import Sampling
+    from leafe.models.servers import grpo_server
     from leafe.seeds import derive_seed
     from leafe.store import atomic_write_json
 
@@ -390,27 +436,33 @@ def run_grpo_stage(ctx) -> None:
     n = cfg.samples_per_iteration
     per_iteration = cfg.mini_batches * cfg.epochs  # optimizer steps
     out = ctx.dir / "trainer"
-    args = TRLGRPOConfig(
-        output_dir=str(out), learning_rate=cfg.lr, lr_scheduler_type="constant", weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.max_grad_norm, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, steps_per_generation=cfg.grad_accum * cfg.mini_batches,
-        num_generations=2, num_iterations=cfg.epochs, beta=cfg.beta_kl, epsilon=cfg.epsilon,
-        # `dapo`: token sum over the real (env_mask 1) tokens divided by their count, so
-        # padding rows change nothing (per-sequence means would count them)
-        loss_type="dapo", scale_rewards="none", temperature=temperature,
-        max_completion_length=policy.max_tokens, max_steps=cfg.iterations * per_iteration,
-        logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
-        report_to="none", seed=seed, data_seed=seed, bf16=dtype == torch.bfloat16, use_cpu=not cuda,
-        dataloader_num_workers=0, disable_tqdm=True,
-    )
-    # placeholder prompts: the rollout function plays the real episodes
-    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": f"rollout slot {i}"}]}
-                                 for i in range(n // 2)])
-    RecordingModel = _recording_model_class()
-    batches: list[dict] = []
-    rng = random.Random(derive_seed(seed, "subsample"))
-
-    with ctx.env_factory() as make_env:
+    gen = spec.runtime.generation
+    stack = contextlib.ExitStack()
+    server_url = stack.enter_context(grpo_server(ctx, path))
+    try:  # the server is stopped if anything fails before training owns it
+        args = TRLGRPOConfig(
+            output_dir=str(out), learning_rate=cfg.lr, lr_scheduler_type="constant", weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm, per_device_train_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.grad_accum, steps_per_generation=cfg.grad_accum * cfg.mini_batches,
+            num_generations=2, num_iterations=cfg.epochs, beta=cfg.beta_kl, epsilon=cfg.epsilon,
+            # `dapo`: token sum over the real (env_mask 1) tokens divided by their count, so
+            # padding rows change nothing (per-sequence means would count them)
+            loss_type="dapo", scale_rewards="none", temperature=temperature,
+            max_completion_length=policy.max_tokens, max_steps=cfg.iterations * per_iteration,
+            logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
+            report_to="none", seed=seed, data_seed=seed, bf16=dtype == torch.bfloat16, use_cpu=not cuda,
+            dataloader_num_workers=0, disable_tqdm=True, **trl_server_args(server_url, gen),
+        )
+        # placeholder prompts: the rollout function plays the real episodes
+        dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": f"rollout slot {i}"}]}
+                                     for i in range(n // 2)])
+        RecordingModel = _recording_model_class()
+        batches: list[dict] = []
+        rng = random.Random(derive_seed(seed, "subsample"))
+    except BaseException:
+        stack.close()
+        raise
+    with stack, ctx.env_factory() as make_env:
         rollouts = Rollouts(make_env=make_env, env_spec=spec.env, tasks=tasks, budget=budget, cfg=cfg, seed=seed,
                             dir=ctx.dir, sampling=sampling)
         holder: dict[str, Any] = {}
@@ -423,6 +475,8 @@ def run_grpo_stage(ctx) -> None:
                 holder["model"] = RecordingModel(net, tokenizer, policy, {"path": path, **provenance})
             wrapper = holder["model"]
             wrapper.model = net
+            if server_url is not None:  # TRL synced the weights to the server before this call
+                wrapper.client = trainer.vllm_generation.vllm_client
             was_training = net.training
             net.eval()
             try:
@@ -431,12 +485,14 @@ def run_grpo_stage(ctx) -> None:
                 net.train(was_training)
 
             def ids_of(step):
-                ids = wrapper.completion_ids(step["prompt"], step["completion"])
-                if ids is None:  # not captured (should not happen): re-tokenise the reply
+                got = wrapper.completion_ids(step["prompt"], step["completion"])
+                if got is None:  # not captured (should not happen): re-tokenise the reply
                     ids = tokenizer(step["completion"], add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
-                return ids
+                    return ids, None
+                return got
 
-            batch, stats = build_batch(samples, n, wrapper._encode, ids_of, tokenizer.pad_token_id, rng)
+            batch, stats = build_batch(samples, n, wrapper._encode, ids_of, tokenizer.pad_token_id, rng,
+                                       with_logprobs=server_url is not None)
             wrapper.sampled.clear()
             batches.append(stats)
             h = rollouts.state["history"][-1]
@@ -501,4 +557,4 @@ class GRPOMethod(Method):
     Config = GRPOConfig
 
     def stages(self, instance, config, spec):
-        return [StageDef("train", run=run_grpo_stage, produces_checkpoint=True)]
+        return [StageDef("train", run=run_grpo_stage, produces_checkpoint=True, generates="trained")]

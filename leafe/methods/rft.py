@@ -137,4 +137,4 @@ class RFTMethod(Method):
     Config = RFTConfig
 
     def stages(self, instance, config, spec):
-        return [StageDef("train", run=run_rft_stage, produces_checkpoint=True)]
+        return [StageDef("train", run=run_rft_stage, produces_checkpoint=True, generates="policy")]

@@ -261,7 +261,8 @@ async def _close_loop_clients() -> None:
 class LiteLLMModel(ChatModel):
     """An API model called through litellm (see the module docstring)."""
 
-    def __init__(self, spec: LiteLLMModelSpec):
+    def __init__(self, spec: LiteLLMModelSpec, api_key: str | None = None):
+        """`api_key` overrides the key read from `spec.api_key_env` (leafe's own servers)."""
         for key in spec.params:
             if key in RESERVED_PARAMS:
                 raise UserError(
@@ -269,7 +270,7 @@ class LiteLLMModel(ChatModel):
                     f"it comes from {RESERVED_PARAMS[key]}"
                 )
         self.spec = spec
-        self._api_key = self._read_key(spec)
+        self._api_key = api_key if api_key is not None else self._read_key(spec)
         self._cache: diskcache.Cache | None = None
         if spec.cache:
             path = cache_dir() / "litellm"
@@ -280,10 +281,10 @@ class LiteLLMModel(ChatModel):
         self._router = self._make_router(spec) if spec.api_bases else None
 
     @classmethod
-    def from_spec(cls, spec: LiteLLMModelSpec) -> "LiteLLMModel":
+    def from_spec(cls, spec: LiteLLMModelSpec, api_key: str | None = None) -> "LiteLLMModel":
         if not isinstance(spec, LiteLLMModelSpec):
             raise TypeError(f"LiteLLMModel needs a LiteLLMModelSpec, got {type(spec).__name__}")
-        return cls(spec)
+        return cls(spec, api_key=api_key)
 
     def _make_router(self, spec: LiteLLMModelSpec) -> Any:
         """litellm's Router over `api_bases`: one deployment per server under one alias. Its

@@ -367,6 +367,9 @@ class GenerationRuntime(Strict):
     """`launch: external`: base URLs of the servers' OpenAI API (`http://host:8000/v1`)."""
     served_model_name: str | None = None
     """`launch: external`: the model name the servers answer to (unset: `models.policy.name`)."""
+    grpo_server: str | None = None
+    """`launch: external`: the URL of a running `trl vllm-serve --model <GRPO's start policy>`
+    for GRPO stages (`http://host:8000`). GRPO overwrites its weights: not one of `servers`."""
     num_servers: int = Field(1, ge=1)
     """`launch: managed`: servers started per stage (data parallel replicas)."""
     tensor_parallel_size: int = Field(1, ge=1)
@@ -380,16 +383,19 @@ class GenerationRuntime(Strict):
     port: int = Field(8100, ge=1, le=65535)
     """`launch: managed`: the first server's port; server i listens on port + i."""
     command: list[str] | None = None
-    """`launch: managed`: the server command, each item a Jinja-free `{placeholder}` template
-    (`{model}`, `{name}`, `{host}`, `{port}`, `{tp}`, `{seed}`, `{max_model_len}`). Unset with
-    `backend: vllm`: `vllm serve {model} --served-model-name {name} --host {host} --port
-    {port} --tensor-parallel-size {tp} --seed {seed}` (GRPO: `trl vllm-serve --model {model}
-    --host {host} --port {port} --tensor-parallel-size {tp}`)."""
+    """`launch: managed`: the server command, one argument per item; `{model}` (the local path
+    of the weights, also the name the server answers to), `{host}`, `{port}`, `{tp}` and
+    `{seed}` are replaced in each. Unset with `backend: vllm`: `vllm serve {model} --host
+    {host} --port {port} --tensor-parallel-size {tp} --seed {seed}` (GRPO always runs `trl
+    vllm-serve --model {model} --host {host} --port {port} --tensor-parallel-size {tp}`)."""
     extra_args: list[str] = Field(default_factory=list)
     """`launch: managed`: arguments appended to the command (e.g. `[--gpu-memory-utilization, '0.8']`)."""
     startup_timeout_s: float = Field(900.0, gt=0)
     """`launch: managed`: seconds a server may take to answer `/health` (loading a 72B model
     takes minutes)."""
+    api_key_env: str | None = None
+    """Environment variable holding the servers' API key (vLLM's `--api-key`); unset: the
+    servers need none (a placeholder key is sent)."""
     concurrency: int = Field(32, ge=1)
     """Requests in flight across all servers (servers batch them)."""
     timeout_s: float = Field(600.0, gt=0)
@@ -399,13 +405,13 @@ class GenerationRuntime(Strict):
     def _consistent(self) -> "GenerationRuntime":
         if self.backend == "local":
             return self
-        if self.launch == "external" and not self.servers:
-            raise ValueError(f"runtime.generation.launch: external needs `servers` (the running servers' "
-                             "base URLs, e.g. [http://10.0.0.5:8000/v1])")
+        if self.launch == "external" and not (self.servers or self.grpo_server):
+            raise ValueError("runtime.generation.launch: external needs `servers` (the running servers' "
+                             "base URLs, e.g. [http://10.0.0.5:8000/v1]) or, for GRPO only, `grpo_server`")
         if self.launch == "managed":
-            if self.servers:
-                raise ValueError("runtime.generation.servers lists running servers (launch: external); "
-                                 "managed servers are started by leafe on host:port, port+1, ...")
+            if self.servers or self.grpo_server:
+                raise ValueError("runtime.generation.servers and grpo_server name running servers (launch: "
+                                 "external); managed servers are started by leafe on host:port, port+1, ...")
             if self.backend == "openai" and not self.command:
                 raise ValueError("runtime.generation.backend: openai with launch: managed needs `command` "
                                  "(how to start the server), e.g. [transformers, serve, '{model}', --port, '{port}']")

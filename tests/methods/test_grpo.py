@@ -103,13 +103,82 @@ def test_build_batch_masks_only_padding():
                {"prompt": [{"role": "user", "content": "bb"}], "completion": "yy", "advantage": -1.0,
                 "episode_reward": 0.0}]
     enc = lambda conv: [7] * len(conv[0]["content"])  # noqa: E731
-    ids = lambda s: [9] * len(s["completion"])  # noqa: E731
+    ids = lambda s: ([9] * len(s["completion"]), None)  # noqa: E731
     batch, stats = build_batch(samples, 4, enc, ids, 0, random.Random(0))
-    assert batch["completion_ids"] == [[9], [9, 9], [0], [0]]
+    assert batch["completion_ids"] == [[9], [9, 9], [0], [0]] and batch["logprobs"] is None
     assert batch["env_mask"] == [[1], [1, 1], [0], [0]]
     assert batch["advantage"] == [1.0, -1.0, 0.0, 0.0] and stats == {"samples": 2, "dropped": 0, "padded": 2}
     batch, stats = build_batch(samples * 3, 4, enc, ids, 0, random.Random(0))
     assert len(batch["prompt_ids"]) == 4 and stats["dropped"] == 2 and all(m for m in batch["env_mask"])
+    # server mode: the sampling log-probs travel with their rows; unknown ones are None
+    with_lp = lambda s: ([9] * len(s["completion"]), [-0.5] * len(s["completion"]) if s["completion"] == "x" else None)  # noqa: E731
+    batch, _ = build_batch(samples, 3, enc, with_lp, 0, random.Random(0), with_logprobs=True)
+    assert batch["logprobs"] == [[-0.5], [None, None], [0.0]]
+
+
+class FakeVLLMClient:
+    """Stand-in for TRL's VLLMClient (server mode needs vLLM and a GPU; see the real GRPO test
+    below for the in-process path): answers `generate` with scripted token ids and log-probs."""
+
+    def __init__(self, replies):
+        self.replies, self.calls = replies, []
+
+    def generate(self, prompts, n, temperature, top_p, max_tokens, logprobs, generation_kwargs):
+        self.calls.append({"prompts": prompts, "n": n, "temperature": temperature, "max_tokens": max_tokens,
+                           "logprobs": logprobs, "generation_kwargs": generation_kwargs})
+        ids = [self.replies[i % len(self.replies)] for i in range(len(prompts))]
+        return {"prompt_ids": prompts, "completion_ids": ids,
+                "logprobs": [[[-0.1 * (j + 1)] for j in range(len(r))] for r in ids]}
+
+
+def test_server_mode_rollouts_keep_the_servers_tokens_and_logprobs(leafe_cache):
+    """With TRL's client set, the recording model sends token-id prompts (the chat template
+    applied as in training) to the server, cuts replies at the stop string exactly as the
+    in-process backend does, and keeps the server's ids and log-probs for the batch."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from leafe.methods.grpo import _recording_model_class
+    from leafe.models.base import Sampling
+    from leafe.models.builtin import resolve
+    from leafe.spec.schema import TransformersModelSpec
+
+    path, _ = resolve("leafe:tiny-qwen2", None)
+    tok = AutoTokenizer.from_pretrained(path)
+    net = AutoModelForCausalLM.from_pretrained(path)
+    spec = TransformersModelSpec(name="leafe:tiny-qwen2", max_tokens=8)
+    model = _recording_model_class()(net, tok, spec, {"path": path})
+    stop_ids = tok("</action>", add_special_tokens=False)["input_ids"]
+    up = tok("<action>up", add_special_tokens=False)["input_ids"]
+    eos = model.eos_ids[0]
+    model.client = FakeVLLMClient([up + stop_ids + up, up + [eos]])
+    convs = [[{"role": "user", "content": "move"}], [{"role": "user", "content": "again"}]]
+    out = model.generate(convs, Sampling(temperature=1.0, max_tokens=8, stop=["</action>"], n=2))
+    call = model.client.calls[0]
+    assert call["prompts"] == [model._encode(convs[0])] * 2 + [model._encode(convs[1])] * 2
+    assert call["generation_kwargs"] == {"stop": ["</action>"], "include_stop_str_in_output": True}
+    assert [c.text for c in out] == ["<action>up</action>", "<action>up", "<action>up</action>", "<action>up"]
+    assert [(c.index, c.sample) for c in out] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    ids, logps = model.completion_ids(convs[0], "<action>up</action>")
+    assert ids == up + stop_ids  # the tokens after the stop string are not trained on
+    assert logps == [-0.1 * (j + 1) for j in range(len(ids))]
+    ids, logps = model.completion_ids(convs[0], "<action>up")
+    assert ids == up + [eos] and len(logps) == len(ids)
+
+
+def test_trl_server_args():
+    from leafe.methods.grpo import trl_server_args
+    from leafe.spec.schema import GenerationRuntime
+
+    gen = GenerationRuntime(backend="vllm", launch="external", grpo_server="http://10.0.0.7:8000",
+                            startup_timeout_s=300)
+    assert trl_server_args(None, gen) == {}
+    args = trl_server_args("http://10.0.0.7:8000", gen)
+    assert args == {"use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": "http://10.0.0.7:8000",
+                    "vllm_server_timeout": 300.0}
+    from trl import GRPOConfig as TRLGRPOConfig
+
+    cfg = TRLGRPOConfig(output_dir="/tmp/unused", use_cpu=True, report_to="none", **args)
+    assert cfg.use_vllm and cfg.vllm_mode == "server" and cfg.vllm_server_base_url == "http://10.0.0.7:8000"
 
 
 # -- the environment mask in TRL's loss -----------------------------------------------------------

@@ -226,9 +226,10 @@ class LeafeMethod(Method):
 
     def stages(self, instance, config, spec):
         if config.explore_mode == "independent":
-            explore = StageDef("explore", run=_run_explore, config_fields=INDEPENDENT_FIELDS)
+            explore = StageDef("explore", run=_run_explore, config_fields=INDEPENDENT_FIELDS, generates="policy")
         else:
             explore = StageDef("explore", run=_run_explore, roles=("reflector",), config_fields=EXPLORE_FIELDS,
+                               generates="policy",
                                inputs={"env.reflection_hint": spec.spec.env.reflection_hint if spec else None})
         return [explore,
                 StageDef("distill", run=_run_distill, produces_checkpoint=True, config_fields=DISTILL_FIELDS,
