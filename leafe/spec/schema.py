@@ -88,7 +88,7 @@ class EnvSpec(Strict):
     @model_validator(mode="before")
     @classmethod
     def _moved_fields(cls, data: Any) -> Any:
-        # leafe 0.3 moved how environments are hosted to `runtime.env_workers`
+        # how environments are hosted moved to `runtime.env_workers`
         if isinstance(data, dict):
             for old, new in MOVED_ENV_FIELDS.items():
                 if old in data:
@@ -97,7 +97,7 @@ class EnvSpec(Strict):
         return data
 
 
-#: Fields leafe 0.2 had in `env:` and their place in `runtime.env_workers` (a clear error names it).
+#: Fields earlier releases had in `env:` and their place in `runtime.env_workers` (a clear error names it).
 MOVED_ENV_FIELDS = {"workers": "count", "step_timeout": "step_timeout_s", "episode_retries": "episode_retries"}
 
 #: EnvSpec fields only some methods read: left out of the common stage inputs; the stages that
