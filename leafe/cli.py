@@ -127,9 +127,15 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
             cmd = launch_command(training, "<stage dir>/launch/job.json", cuda=False)
         except UserError as e:
             _fail(e)
-        shown = " ".join(cmd[1:] if cmd[0] == sys.executable else cmd)
-        console.print("training stages run as: " + shown.replace("-m accelerate.commands.launch", "accelerate launch", 1),
-                      soft_wrap=True)
+        def shown(cmd: list[str]) -> str:
+            text = " ".join(cmd[1:] if cmd[0] == sys.executable else cmd)
+            return text.replace("-m accelerate.commands.launch", "accelerate launch", 1)
+
+        console.print("training stages run as: " + shown(cmd), soft_wrap=True)
+        if training.num_machines > 1:  # leafe starts rank 0 only
+            other = launch_command(training, "<stage dir>/launch/job.json", cuda=False, machine_rank=1)
+            console.print(f"  and on each of the other {training.num_machines - 1} machines (the run directory on a "
+                          "shared filesystem, machine_rank 1, 2, ...): " + shown(other), soft_wrap=True)
 
 
 @app.command()

@@ -98,6 +98,15 @@ def test_plan_says_where_workers_run_and_how_training_launches(tmp_path):
     assert "training stages run as: accelerate launch --multi_gpu --num_processes 2" in out
     r = leafe("plan", str(f), "--runs-dir", str(tmp_path), "--set", "runtime.engine=ray")
     assert r.returncode == 2 and "set runtime.env_workers.count" in r.stderr
+    # several machines: leafe starts rank 0; the plan says what the other machines run
+    r = leafe("plan", str(f), "--runs-dir", str(tmp_path), "--set", "runtime.training.launcher=accelerate",
+              "--set", "runtime.training.num_processes=16", "--set", "runtime.training.num_machines=2",
+              "--set", "runtime.training.config=zero3")
+    assert r.returncode == 0, r.stderr
+    out = " ".join(r.stdout.split())
+    assert "--num_processes 16 --num_machines 2 --machine_rank 0 -m leafe.methods.launch" in out
+    assert ("on each of the other 1 machines (the run directory on a shared filesystem, machine_rank 1, 2, ...): "
+            "accelerate launch --config_file") in out and "--machine_rank 1 -m leafe.methods.launch" in out
 
 
 def test_missing_spec_file_exits_2(tmp_path):

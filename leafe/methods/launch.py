@@ -41,8 +41,10 @@ def config_file(name: str) -> Path:
     return path
 
 
-def launch_command(training, job: Path | str, cuda: bool | None = None) -> list[str]:
-    """The `accelerate launch` command line for one training job."""
+def launch_command(training, job: Path | str, cuda: bool | None = None, machine_rank: int = 0) -> list[str]:
+    """The `accelerate launch` command line for one training job (`leafe run` starts rank 0;
+    with several machines the others run the same command with their `machine_rank`, reading
+    the job from a shared filesystem)."""
     if cuda is None:
         import torch
 
@@ -56,6 +58,8 @@ def launch_command(training, job: Path | str, cuda: bool | None = None) -> list[
     elif not cuda:
         cmd += ["--cpu"]
     cmd += ["--num_processes", str(training.num_processes), "--num_machines", str(training.num_machines)]
+    if training.num_machines > 1:
+        cmd += ["--machine_rank", str(machine_rank)]
     if training.main_process_port is not None:
         cmd += ["--main_process_port", str(training.main_process_port)]
     return cmd + ["-m", "leafe.methods.launch", str(job)]
