@@ -117,7 +117,12 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
     if spec_.runtime.generation.backend != "local":
         from leafe.models.servers import describe
 
-        for line in describe(spec_.runtime.generation, any(s.generates == "trained" for s in plans[0][1].stages)):
+        from leafe.models.servers import describe_sites
+
+        stages = plans[0][1].stages
+        for line in describe(spec_.runtime.generation, any(s.generates == "trained" for s in stages)):
+            console.print(line, soft_wrap=True)
+        for line in describe_sites(spec_.runtime.generation, stages):
             console.print(line, soft_wrap=True)
     training = spec_.runtime.training
     if training.launcher == "accelerate":

@@ -153,7 +153,6 @@ def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
         inputs={"report": spec.report.model_dump(mode="json")},
     ))
     stages = _toposort(stages)
-    _check_generation(loaded, stages)
     hashes: dict[str, str] = {}
     for s in stages:
         s.hash = _digest({"id": s.id, "kind": s.kind, "inputs": s.inputs, "version": s.version,
@@ -162,36 +161,19 @@ def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
     return Plan(spec.name, Path(runs_dir) / spec.name, stages, checkpoint_of)
 
 
-def _check_generation(loaded: LoadedSpec, stages: list[PlannedStage]) -> None:
-    """External inference servers serve one fixed model: refuse, before anything runs, a plan
-    whose stages would need other weights on them (see `leafe.models.servers`)."""
-    gen = loaded.spec.runtime.generation
-    if gen.backend == "local" or gen.launch == "managed":
-        return
-    by_id = {s.id: s for s in stages}
-    where = loaded.where("runtime", "generation")
+def start_checkpoint(plan_stages: list[PlannedStage], stage: PlannedStage) -> str | None:
+    """The stage whose checkpoint `stage`'s policy comes from (through its upstream stages), or
+    None for the spec's own policy."""
+    by_id = {s.id: s for s in plan_stages}
 
-    def start(s: PlannedStage) -> str | None:  # the checkpoint a stage's policy comes from
+    def start(s: PlannedStage) -> str | None:
         for d in s.deps:
             found = d if by_id[d].produces_checkpoint else start(by_id[d])
             if found:
                 return found
         return None
 
-    problems = []
-    for s in stages:
-        trained_start = start(s)
-        if s.generates == "policy" and trained_start:
-            problems.append(f"{where}: {s.id} generates with the checkpoint of {trained_start}, which the "
-                            "external servers do not serve; use launch: managed (leafe serves each stage's "
-                            "checkpoint) or backend: local")
-        elif s.generates == "policy" and not gen.servers:
-            problems.append(f"{where}: {s.id} generates with the policy: list the servers serving it in `servers`")
-        elif s.generates == "trained" and not gen.grpo_server:
-            problems.append(f"{where}: {s.id} trains on its own rollouts: set `grpo_server` to a running "
-                            "`trl vllm-serve` (it receives the trained weights), or use launch: managed")
-    if problems:
-        raise SpecError(problems)
+    return start(stage)
 
 
 def _toposort(stages: list[PlannedStage]) -> list[PlannedStage]:

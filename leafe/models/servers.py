@@ -9,8 +9,9 @@ nothing here speaks HTTP except the health check of the servers leafe starts.
 Two ways to get servers:
 
 - `launch: external`: the servers at `servers` are running already and serve the spec's policy.
-  Only stages that generate with the untrained policy can use them (a trained checkpoint is not
-  on them): the others stop with an error that says so.
+  Stages that generate with the untrained policy use them; a stage whose policy is a trained
+  checkpoint (not on those servers) generates in process with the policy's own backend, and
+  `leafe plan` lists which stage generates where (`site`).
 - `launch: managed`: for every stage that generates with the policy, leafe starts
   `num_servers` servers serving that stage's policy (the upstream checkpoint, or the spec's
   model), each on `tensor_parallel_size` GPUs of `gpus` (its own `CUDA_VISIBLE_DEVICES`) and
@@ -228,6 +229,35 @@ class ManagedServers:
         self.procs = []
 
 
+def site(gen: Any, generates: str, trained_start: bool) -> str:
+    """Where a stage generates: `servers` (the generation block's OpenAI servers), `trl-server`
+    (GRPO on TRL's vLLM server) or `in-process` (the policy's own backend). `generates` is the
+    stage's StageDef.generates; `trained_start`: its policy is a trained checkpoint."""
+    if gen.backend == "local" or generates == "none":
+        return "in-process"
+    if generates == "trained":
+        ok = gen.backend == "vllm" and (gen.launch == "managed" or gen.grpo_server)
+        return "trl-server" if ok else "in-process"
+    if gen.launch == "managed" or (gen.servers and not trained_start):
+        return "servers"
+    return "in-process"
+
+
+def describe_sites(gen: Any, stages: list[Any]) -> list[str]:
+    """`leafe plan`'s line on where each generating stage generates (`stages`: a plan's)."""
+    from leafe.plan import start_checkpoint
+
+    if gen.backend == "local":
+        return []
+    by: dict[str, list[str]] = {}
+    for s in stages:
+        if s.generates != "none":
+            by.setdefault(site(gen, s.generates, start_checkpoint(stages, s) is not None), []).append(s.id)
+    names = {"servers": "on the servers", "trl-server": "on TRL's vLLM server",
+             "in-process": "in process (policy backend)"}
+    return [f"  generates {names[k]}: {', '.join(v)}" for k, v in by.items()]
+
+
 def describe(gen: Any, grpo: bool) -> list[str]:
     """What `leafe plan` says about `runtime.generation` (`grpo`: the plan has GRPO stages)."""
     if gen.backend == "local":
@@ -235,14 +265,14 @@ def describe(gen: Any, grpo: bool) -> list[str]:
     if gen.launch == "external":
         lines = [f"policy generation: external {gen.backend} servers "
                  f"{', '.join(gen.servers or []) or '(none)'} (serving {gen.served_model_name or 'models.policy.name'})"]
-        if grpo:
+        if grpo and gen.grpo_server:
             lines.append(f"GRPO stages generate on TRL's vLLM server at {gen.grpo_server}")
         return lines
     lines = []
     for i, s in enumerate(launch_plan(gen, "<checkpoint>", "<stage seed>")):
         gpus = ",".join(map(str, s.gpus)) if s.gpus else "inherited"
         lines.append(f"policy generation, server {i} (per stage; GPUs {gpus}): {' '.join(s.argv)}")
-    if grpo:
+    if grpo and gen.backend == "vllm":
         s = launch_plan(gen, "<start checkpoint>", "<stage seed>", grpo=True)[0]
         gpus = ",".join(map(str, s.gpus)) if s.gpus else "inherited"
         lines.append(f"GRPO stages (TRL server mode; GPUs {gpus}): {' '.join(s.argv)}")
@@ -319,15 +349,11 @@ def serve_policy(ctx: Any, checkpoint: Path | None) -> ChatModel:
     gen = ctx.spec.runtime.generation
     policy = ctx.policy_spec(checkpoint)
     where = ctx.stage.id
+    if site(gen, "policy", checkpoint is not None) != "servers":
+        # external servers without this stage's weights: the policy's own backend, in process
+        ctx.console.print(f"  {where} generates in process: its checkpoint is not on the external servers")
+        return models.load(policy)
     if gen.launch == "external":
-        if checkpoint is not None:
-            raise UserError(
-                f"{where} generates with a trained checkpoint ({checkpoint}), which the external servers of "
-                f"runtime.generation (serving {gen.served_model_name or policy.name}) do not have. Use "
-                "launch: managed (leafe serves each stage's checkpoint) or generation.backend: local")
-        if not gen.servers:
-            raise UserError(f"{where} generates with the policy: list the servers serving it in "
-                            "runtime.generation.servers")
         name = gen.served_model_name or policy.name
         client = models.load(client_spec(policy, gen, list(gen.servers), name), api_key=server_key(gen))
         return ServedPolicy(client, None, {"backend": f"servers:{gen.backend}", "launch": "external",
@@ -353,18 +379,14 @@ def grpo_server(ctx: Any, model_path: str) -> Iterator[str | None]:
     """The TRL vLLM server GRPO generates on (its base URL), or None with `backend: local`.
     A managed one is started from `model_path` and stopped on exit."""
     gen = ctx.spec.runtime.generation
-    if gen.backend == "local":
+    if site(gen, "trained", True) != "trl-server":
+        # TRL's server mode needs vLLM (`openai` servers cannot receive weights) and a server
+        if gen.backend != "local":
+            ctx.console.print(f"  {ctx.stage.id} generates in process (TRL's server mode needs backend: vllm and "
+                              "a managed server or `grpo_server`)")
         yield None
         return
-    if gen.backend != "vllm":
-        raise UserError(f"{ctx.stage.id}: GRPO generates with the weights it trains, which only TRL's vLLM server "
-                        f"mode can update on a server; runtime.generation.backend: {gen.backend} cannot. Use "
-                        "backend: vllm or local")
     if gen.launch == "external":
-        if not gen.grpo_server:
-            raise UserError(f"{ctx.stage.id}: runtime.generation.launch: external needs `grpo_server`, the URL of a "
-                            "running `trl vllm-serve --model <the start policy>` (GRPO overwrites its weights, so "
-                            "it must not be one of `servers`)")
         yield gen.grpo_server.rstrip("/").removesuffix("/v1")
         return
     launches = launch_plan(gen, model_path, 0, grpo=True)

@@ -360,9 +360,10 @@ class GenerationRuntime(Strict):
     managed ones need `command` (GRPO cannot use them: no weight sync)."""
     launch: Literal["external", "managed"] = "external"
     """`external`: the servers at `servers` are already running and serve the spec's policy
-    (`models.policy.name`), so only stages that generate with the untrained policy can use
-    them, and GRPO (whose server receives every update); `managed`: leafe starts
-    `num_servers` servers per stage, serving that stage's checkpoint, and stops them after."""
+    (`models.policy.name`): stages that generate with the untrained policy use them, stages of
+    a trained checkpoint generate in process (`leafe plan` lists which), GRPO uses
+    `grpo_server` (its server receives every update); `managed`: leafe starts `num_servers`
+    servers per stage, serving that stage's checkpoint, and stops them after."""
     servers: list[str] | None = Field(None, min_length=1)
     """`launch: external`: base URLs of the servers' OpenAI API (`http://host:8000/v1`)."""
     served_model_name: str | None = None

@@ -101,23 +101,28 @@ def test_generation_settings_are_checked(fields, message):
         GenerationRuntime(**fields)
 
 
-def test_plan_refuses_trained_checkpoints_on_external_servers(tmp_path):
+def test_plan_says_where_each_stage_generates(tmp_path):
+    """External servers serve the untrained policy: stages of trained checkpoints generate in
+    process, GRPO on TRL's server only when one is given; managed servers serve every stage."""
+    from leafe.models.servers import describe_sites
+
     f = tmp_path / "s.yaml"
     f.write_text(SPEC.replace("  base: {}", "  base: {}\n  sft: {train: {epochs: 1}}\n  grpo: {init: sft}"))
     external = ["runtime.generation.backend=vllm", "runtime.generation.servers=[http://10.0.0.5:8000/v1]"]
-    with pytest.raises(SpecError) as e:
-        build_plan(load_spec(f, external), tmp_path)
-    problems = " ".join(e.value.problems)
-    assert "eval.sft generates with the checkpoint of sft.train" in problems
-    assert "eval.grpo generates with the checkpoint of grpo.train" in problems
-    assert "grpo.train trains on its own rollouts: set `grpo_server`" in problems
-    assert "eval.base" not in problems  # the untrained policy is what the servers serve
-    plan = build_plan(load_spec(f, ["runtime.generation.backend=vllm", "runtime.generation.launch=managed"]),
-                      tmp_path)
-    lines = describe(load_spec(f, ["runtime.generation.backend=vllm", "runtime.generation.launch=managed"])
-                     .spec.runtime.generation, any(s.generates == "trained" for s in plan.stages))
+    loaded = load_spec(f, external)
+    stages = build_plan(loaded, tmp_path).stages
+    assert describe_sites(loaded.spec.runtime.generation, stages) == [
+        "  generates in process (policy backend): grpo.train, eval.sft, eval.grpo",
+        "  generates on the servers: eval.base"]
+    loaded = load_spec(f, external + ["runtime.generation.grpo_server=http://10.0.0.6:8001"])
+    assert "  generates on TRL's vLLM server: grpo.train" in describe_sites(loaded.spec.runtime.generation, stages)
+    managed = load_spec(f, ["runtime.generation.backend=vllm", "runtime.generation.launch=managed"])
+    plan = build_plan(managed, tmp_path)
+    lines = describe(managed.spec.runtime.generation, any(s.generates == "trained" for s in plan.stages))
     assert lines[0].startswith("policy generation, server 0 (per stage; GPUs 0): vllm serve <checkpoint>")
     assert lines[1].startswith("GRPO stages (TRL server mode; GPUs 0): trl vllm-serve --model <start checkpoint>")
+    assert describe_sites(managed.spec.runtime.generation, plan.stages) == [
+        "  generates on TRL's vLLM server: grpo.train", "  generates on the servers: eval.base, eval.sft, eval.grpo"]
     # the generation block is "how": it changes no stage key
     assert [s.hash for s in plan.stages] == [s.hash for s in build_plan(load_spec(f), tmp_path).stages]
 
@@ -191,6 +196,34 @@ def test_managed_servers_serve_each_stage_and_match_local_generation(tmp_path, l
     assert "starting 2 openai server(s) for eval.base" in text and "starting 2 openai server(s) for eval.sft" in text
     metrics = json.loads((stage / "metrics.json").read_text())
     assert metrics["episodes"] == 4
+
+
+def test_external_servers_serve_the_untrained_policy_only(tmp_path, leafe_cache):
+    """A running server (started here, outside the run) serving the tiny model: eval.base goes to
+    it, eval.sft (a trained checkpoint it does not have) generates in process."""
+    pytest.importorskip("fastapi", reason="transformers serve needs fastapi and uvicorn")
+    from leafe.models.builtin import resolve
+
+    path, _ = resolve("leafe:tiny-qwen2", None)
+    port = free_port_range(1)
+    argv = fill(TRANSFORMERS_SERVE, {"model": path, "host": "127.0.0.1", "port": port, "tp": 1, "seed": 0})
+    f = tmp_path / "s.yaml"
+    f.write_text(SPEC.replace("  base: {}", "  base: {}\n  sft: {train: {epochs: 1, batch_size: 4, lr: 1.0e-3}}"))
+    with ManagedServers([ServerLaunch(argv, None, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/v1")],
+                        tmp_path / "external", startup_timeout=240):
+        out = io.StringIO()
+        run(load_spec(f, ["runtime.generation.backend=openai", f"runtime.generation.servers=[http://127.0.0.1:{port}/v1]",
+                          f"runtime.generation.served_model_name={path}"]),
+            tmp_path / "runs", tmp_path / "reports", Console(file=out, width=250))
+        log = (tmp_path / "external" / "server-0.log").read_text()
+    root = tmp_path / "runs" / "served"
+    base = json.loads((next(root.glob("eval.base-*")) / "model.json").read_text())["policy"]
+    sft = json.loads((next(root.glob("eval.sft-*")) / "model.json").read_text())["policy"]
+    assert base["backend"] == "servers:openai" and base["launch"] == "external" and base["model"] == path
+    assert sft["backend"] == "transformers" and sft["path"].endswith("checkpoint")
+    steps = [r for r in read_records(root, "eval.base") if r["kind"] == "step"]
+    assert log.count("POST /v1/chat/completions") == len(steps) == 8
+    assert "eval.sft generates in process: its checkpoint is not on the external servers" in " ".join(out.getvalue().split())
 
 
 def test_generation_backend_local_with_an_api_policy_is_refused(tmp_path):
