@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,13 +100,12 @@ def launch_plan(gen: Any, model: str, seed: int | str, grpo: bool = False) -> li
     return plans
 
 
-def _set_parent_death_signal() -> None:
-    # Linux: the server gets SIGTERM when `leafe run` dies (even by SIGKILL), so no server
-    # outlives its run holding GPUs. Runs in the child between fork and exec.
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+# Linux: the server gets SIGTERM when `leafe run` dies (even by SIGKILL), so no server outlives
+# its run holding GPUs. A tiny Python sets PR_SET_PDEATHSIG (1), which survives exec, then execs
+# the server: no preexec_fn, which is unsafe in a process with threads.
+_DIE_WITH_PARENT = ("import ctypes, os, signal, sys\n"
+                    "try:\n    ctypes.CDLL('libc.so.6').prctl(1, signal.SIGTERM)\nexcept OSError:\n    pass\n"
+                    "os.execvp(sys.argv[1], sys.argv[1:])")
 
 
 def _port_free(host: str, port: int) -> bool:
@@ -169,14 +169,13 @@ class ManagedServers:
                 with open(self._log(i), "ab") as log:
                     log.write(f"$ {' '.join(s.argv)}\n".encode())
                     log.flush()
-                    try:
-                        proc = subprocess.Popen(s.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                                stdin=subprocess.DEVNULL, start_new_session=True,
-                                                preexec_fn=_set_parent_death_signal)
-                    except FileNotFoundError:
+                    if shutil.which(s.argv[0], path=env.get("PATH")) is None:
                         raise UserError(f"runtime.generation: cannot start `{s.argv[0]}` (not found on PATH); "
                                         "install the server (`pip install vllm`) or set "
-                                        "runtime.generation.command") from None
+                                        "runtime.generation.command")
+                    proc = subprocess.Popen([sys.executable, "-c", _DIE_WITH_PARENT, *s.argv], stdout=log,
+                                            stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
                 self.procs.append(proc)
             self._wait_healthy(t0)
         except BaseException:

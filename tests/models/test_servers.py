@@ -264,3 +264,37 @@ def test_managed_vllm_servers_match_local_generation(tmp_path, leafe_cache):
     logs = [(stage / "servers" / f"server-{i}.log").read_text() for i in range(2)]
     assert all("POST /v1/chat/completions" in log for log in logs)
     assert _free(port) and _free(port + 1)
+
+
+def test_a_server_dies_with_its_run(tmp_path):
+    """A managed server gets SIGTERM when the process that started it dies, even by SIGKILL."""
+    import signal
+    import subprocess
+    import textwrap
+
+    pidfile = tmp_path / "server.pid"
+    script = textwrap.dedent(f"""
+        import sys, time
+        from pathlib import Path
+        from leafe.models.servers import ManagedServers, ServerLaunch
+        server = [sys.executable, "-c", "import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)"]
+        s = ManagedServers([ServerLaunch(server, None, "http://127.0.0.1:9", "http://127.0.0.1:9/v1")], Path({str(tmp_path)!r}), 600)
+        s.start()
+    """)
+    run_ = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.monotonic() + 60
+    while not (pidfile.exists() and pidfile.read_text()):
+        assert time.monotonic() < deadline and run_.poll() is None
+        time.sleep(0.1)
+    server_pid = int(pidfile.read_text())
+    os.kill(run_.pid, signal.SIGKILL)
+    run_.wait()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if Path(f"/proc/{server_pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+                break
+        except OSError:  # gone (reaped)
+            break
+        assert time.monotonic() < deadline, "the server outlived its run"
+        time.sleep(0.1)
