@@ -2,6 +2,10 @@
 
 A finished stage (DONE marker) is reused; a partial one resumes from its records. One run at a
 time per run directory (an advisory file lock).
+
+A training stage whose environment worker crashed or hung (`EnvWorkerError`) is resumed in
+place, from what it saved, up to `runtime.env_workers.episode_retries` times, exactly as a
+re-run of `leafe run` would resume it (evaluation retries the failed chunk itself).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from leafe.errors import UserError
+from leafe.errors import EnvWorkerError, UserError
 from leafe.manifest import write_manifest
 from leafe.plan import Plan, build_plan
 from leafe.report import write_reports
@@ -75,16 +79,40 @@ def run_one(loaded: LoadedSpec, runs_dir: Path | str, console: Console) -> Plan:
                                                  "version": stage.version})
             verb = "resuming" if status == "partial" else "running"
             console.print(f"[bold]▶ {verb} {stage.id}[/bold] → {d}")
-            ctx = StageContext(loaded, plan, stage, d, console)
             t0 = time.perf_counter()
             if stage.kind == "eval":
-                run_eval(ctx)
+                run_eval(StageContext(loaded, plan, stage, d, console))
             else:
-                assert stage.run is not None
-                stage.run(ctx)
+                _run_resuming(loaded, plan, stage, d, console)
             atomic_write_text(d / "DONE", f"{time.perf_counter() - t0:.1f} s\n")
             write_manifest(loaded, plan)
     return plan
+
+
+def _run_resuming(loaded: LoadedSpec, plan: Plan, stage, d: Path, console: Console) -> None:
+    """Run a training stage; after an environment worker failure, resume it (a fresh context
+    over the same directory) up to `episode_retries` times."""
+    import gc
+    import logging
+
+    from rich.markup import escape
+
+    assert stage.run is not None
+    retries = loaded.spec.runtime.env_workers.episode_retries
+    attempt = 0
+    while True:
+        try:
+            stage.run(StageContext(loaded, plan, stage, d, console))
+            return
+        except EnvWorkerError as err:
+            if attempt >= retries:
+                raise
+            attempt += 1
+            console.print(f"[yellow]⚠ {stage.id}: {escape(str(err))}; resuming the stage "
+                          f"(retry {attempt}/{retries})[/yellow]")
+            logging.getLogger("leafe").warning("%s: resuming after an environment worker failure (retry %d/%d): %s",
+                                               stage.id, attempt, retries, err)
+            gc.collect()  # the failed attempt's models, before the next loads its own
 
 
 def _preflight(loaded: LoadedSpec, console: Console) -> None:

@@ -339,8 +339,9 @@ class EnvWorkersSpec(Strict):
     """Seconds one environment call (create, reset, step, restore, ...) may take; a worker
     silent for longer is killed (with its child processes) and replaced, and its batch re-run."""
     episode_retries: int = Field(2, ge=0)
-    """Re-runs of a batch after a worker crash or hang; when they fail too, the batch's
-    unrecorded episodes are recorded as errored (failures, with an `error` field)."""
+    """Re-runs of an evaluation batch after a worker crash or hang (when they fail too, the
+    batch's unrecorded episodes are recorded as errored: failures, with an `error` field);
+    a training stage is resumed in place from what it saved, as many times."""
     max_restarts: int | None = Field(None, ge=0)
     """Worker replacements one stage allows before it stops with an error (unset: no limit). A
     crash that recurs at every start (a broken install, a node out of memory) then fails the

@@ -395,3 +395,37 @@ def test_grpo_killed_mid_iteration_resumes_without_losing_or_duplicating(tmp_pat
         per_task[e["task"]] += e["interactions"]
     assert m["budget"]["per_task"] == dict(per_task) and m["interactions"] == sum(per_task.values()) == 3 * 2 * 4
     assert m["budget"]["max_per_task"] == 12 <= 13
+
+
+@pytest.mark.filterwarnings("ignore:.*gradient_checkpointing")
+def test_a_worker_crash_mid_rollout_resumes_the_stage_to_the_same_records(tmp_path, leafe_cache):
+    """With environment workers, a worker SIGKILLed during GRPO's first rollouts: `leafe run`
+    resumes the stage in place, and its records and metrics equal an undisturbed run's."""
+    import sys
+
+    from leafe import envs
+    from leafe.runner import run
+    from leafe.spec import load_spec
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "envs"))  # the worker test doubles
+    envs.registry.register("faulty-sokoban", "_worker_envs:FaultySokoban")
+    f = tmp_path / "grpo.yaml"
+    f.write_text(SPEC.replace("env: {use: sokoban,", "env: {use: sokoban, adapter: faulty-sokoban,"))
+    workers = ["runtime.env_workers.count=2"]
+    marker = tmp_path / "faulted"
+    fault = ["env.options.fault=kill", "env.options.fault_step=1", f"env.options.marker={marker}"]
+
+    def grpo_run(root, sets):
+        out = io.StringIO()
+        run(load_spec(f, workers + sets), root / "runs", root / "reports", Console(file=out, width=250))
+        stage = next((root / "runs" / "grpo-e2e").glob("grpo.train-*"))
+        recs = [json.loads(line) for line in (stage / "records.jsonl").read_text().splitlines()]
+        return recs, json.loads((stage / "metrics.json").read_text()), " ".join(out.getvalue().split())
+
+    recs, m, out = grpo_run(tmp_path / "faulted-run", fault)
+    assert marker.exists() and "environment worker" in out and "resuming the stage (retry 1/2)" in out
+    ref_recs, ref_m, _ = grpo_run(tmp_path / "reference", ["env.options.fault=none"])
+    key = lambda r: (r["iteration"], r["kind"], r["task"], r["sample"], r.get("step", -1))  # noqa: E731
+    assert sorted(recs, key=key) == sorted(ref_recs, key=key)
+    same = ("iterations", "steps", "interactions", "budget", "mean_reward", "episodes")
+    assert {k: m[k] for k in same} == {k: ref_m[k] for k in same}
