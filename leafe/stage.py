@@ -9,8 +9,8 @@ yet recorded are written.
 
 With `runtime.env_workers.count` >= 1 the environments live in a pool of worker processes (or
 Ray actors). A chunk whose worker crashed or hung is re-run the same way (same seed, its
-recorded episodes skipped, its partial steps dropped), up to `episode_retries` times; then its unrecorded episodes are
-recorded as errored failures (`error` field), never dropped.
+recorded episodes skipped, its partial steps dropped), up to `episode_retries` times; then its
+unrecorded episodes are recorded as errored failures (`error` field), never dropped.
 """
 
 from __future__ import annotations
