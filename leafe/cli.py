@@ -117,12 +117,7 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
     if spec_.runtime.generation.backend != "local":
         from leafe.models.servers import describe
 
-        from leafe.models.servers import describe_sites
-
-        stages = plans[0][1].stages
-        for line in describe(spec_.runtime.generation, any(s.generates == "trained" for s in stages)):
-            console.print(line, soft_wrap=True)
-        for line in describe_sites(spec_.runtime.generation, stages):
+        for line in describe(spec_.runtime.generation, plans[0][1].stages):
             console.print(line, soft_wrap=True)
     training = spec_.runtime.training
     if training.launcher == "accelerate":

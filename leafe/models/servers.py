@@ -64,10 +64,20 @@ class ServerLaunch:
     argv: list[str]
     gpus: list[int] | None
     """CUDA_VISIBLE_DEVICES of the server (None: inherited)."""
-    base: str
-    """http://host:port"""
-    url: str
-    """The base URL clients use: `base/v1` for the OpenAI API, `base` for TRL's client."""
+    host: str
+    port: int
+    openai: bool = True
+    """The server speaks the OpenAI API under /v1 (TRL's server: its client adds the paths)."""
+
+    @property
+    def base(self) -> str:
+        """http://host:port"""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use: `base/v1` for the OpenAI API, `base` for TRL's client."""
+        return self.base + "/v1" if self.openai else self.base
 
 
 def fill(template: list[str], values: dict[str, Any]) -> list[str]:
@@ -93,10 +103,8 @@ def launch_plan(gen: Any, model: str, seed: int | str, grpo: bool = False) -> li
     for i in range(n):
         port = gen.port + i
         argv = fill(template, {"model": model, "host": gen.host, "port": port, "tp": tp, "seed": seed})
-        base = f"http://{gen.host}:{port}"
         mine = gpus[i * tp:(i + 1) * tp]
-        plans.append(ServerLaunch(argv + list(gen.extra_args), mine or None, base,
-                                  base if grpo else base + "/v1"))
+        plans.append(ServerLaunch(argv + list(gen.extra_args), mine or None, gen.host, port, openai=not grpo))
     return plans
 
 
@@ -122,12 +130,10 @@ class ManagedServers:
     """Servers started for one stage: `start()` launches them and waits for `/health`, `close()`
     stops them (also at exit)."""
 
-    def __init__(self, launches: list[ServerLaunch], log_dir: Path, startup_timeout: float,
-                 env: dict[str, str] | None = None):
+    def __init__(self, launches: list[ServerLaunch], log_dir: Path, startup_timeout: float):
         self.launches = launches
         self.log_dir = Path(log_dir)
         self.startup_timeout = startup_timeout
-        self.env = env or {}
         self.procs: list[subprocess.Popen] = []
         self.seconds_to_ready: float | None = None
 
@@ -155,15 +161,14 @@ class ManagedServers:
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for s in self.launches:
-            host, port = s.base.rsplit("//", 1)[1].rsplit(":", 1)
-            if not _port_free(host, int(port)):
-                raise UserError(f"runtime.generation: port {port} on {host} is in use; stop what listens "
+            if not _port_free(s.host, s.port):
+                raise UserError(f"runtime.generation: port {s.port} on {s.host} is in use; stop what listens "
                                 "there or set runtime.generation.port to a free range")
         atexit.register(self.close)
         t0 = time.monotonic()
         try:
             for i, s in enumerate(self.launches):
-                env = {**os.environ, **self.env}
+                env = dict(os.environ)
                 if s.gpus is not None:
                     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, s.gpus))
                 with open(self._log(i), "ab") as log:
@@ -242,40 +247,35 @@ def site(gen: Any, generates: str, trained_start: bool) -> str:
     return "in-process"
 
 
-def describe_sites(gen: Any, stages: list[Any]) -> list[str]:
-    """`leafe plan`'s line on where each generating stage generates (`stages`: a plan's)."""
+def describe(gen: Any, stages: list[Any]) -> list[str]:
+    """What `leafe plan` says about `runtime.generation` for a plan's `stages`: the servers (their
+    commands and GPUs when managed), then where each generating stage generates."""
     from leafe.plan import start_checkpoint
 
     if gen.backend == "local":
         return []
+    grpo = any(s.generates == "trained" for s in stages)
+    if gen.launch == "external":
+        lines = [f"policy generation: external {gen.backend} servers "
+                 f"{', '.join(gen.servers or []) or '(none)'} (serving {gen.served_model_name or 'models.policy.name'})"]
+        if grpo and gen.grpo_server:
+            lines.append(f"GRPO stages generate on TRL's vLLM server at {gen.grpo_server}")
+    else:
+        lines = []
+        for i, s in enumerate(launch_plan(gen, "<checkpoint>", "<stage seed>")):
+            gpus = ",".join(map(str, s.gpus)) if s.gpus else "inherited"
+            lines.append(f"policy generation, server {i} (per stage; GPUs {gpus}): {' '.join(s.argv)}")
+        if grpo and gen.backend == "vllm":
+            s = launch_plan(gen, "<start checkpoint>", "<stage seed>", grpo=True)[0]
+            gpus = ",".join(map(str, s.gpus)) if s.gpus else "inherited"
+            lines.append(f"GRPO stages (TRL server mode; GPUs {gpus}): {' '.join(s.argv)}")
     by: dict[str, list[str]] = {}
     for s in stages:
         if s.generates != "none":
             by.setdefault(site(gen, s.generates, start_checkpoint(stages, s) is not None), []).append(s.id)
     names = {"servers": "on the servers", "trl-server": "on TRL's vLLM server",
              "in-process": "in process (policy backend)"}
-    return [f"  generates {names[k]}: {', '.join(v)}" for k, v in by.items()]
-
-
-def describe(gen: Any, grpo: bool) -> list[str]:
-    """What `leafe plan` says about `runtime.generation` (`grpo`: the plan has GRPO stages)."""
-    if gen.backend == "local":
-        return []
-    if gen.launch == "external":
-        lines = [f"policy generation: external {gen.backend} servers "
-                 f"{', '.join(gen.servers or []) or '(none)'} (serving {gen.served_model_name or 'models.policy.name'})"]
-        if grpo and gen.grpo_server:
-            lines.append(f"GRPO stages generate on TRL's vLLM server at {gen.grpo_server}")
-        return lines
-    lines = []
-    for i, s in enumerate(launch_plan(gen, "<checkpoint>", "<stage seed>")):
-        gpus = ",".join(map(str, s.gpus)) if s.gpus else "inherited"
-        lines.append(f"policy generation, server {i} (per stage; GPUs {gpus}): {' '.join(s.argv)}")
-    if grpo and gen.backend == "vllm":
-        s = launch_plan(gen, "<start checkpoint>", "<stage seed>", grpo=True)[0]
-        gpus = ",".join(map(str, s.gpus)) if s.gpus else "inherited"
-        lines.append(f"GRPO stages (TRL server mode; GPUs {gpus}): {' '.join(s.argv)}")
-    return lines
+    return lines + [f"  generates {names[k]}: {', '.join(v)}" for k, v in by.items()]
 
 
 def client_spec(policy: Any, gen: Any, urls: list[str], name: str) -> Any:

@@ -104,24 +104,22 @@ def test_generation_settings_are_checked(fields, message):
 def test_plan_says_where_each_stage_generates(tmp_path):
     """External servers serve the untrained policy: stages of trained checkpoints generate in
     process, GRPO on TRL's server only when one is given; managed servers serve every stage."""
-    from leafe.models.servers import describe_sites
-
     f = tmp_path / "s.yaml"
     f.write_text(SPEC.replace("  base: {}", "  base: {}\n  sft: {train: {epochs: 1}}\n  grpo: {init: sft}"))
     external = ["runtime.generation.backend=vllm", "runtime.generation.servers=[http://10.0.0.5:8000/v1]"]
     loaded = load_spec(f, external)
     stages = build_plan(loaded, tmp_path).stages
-    assert describe_sites(loaded.spec.runtime.generation, stages) == [
+    assert describe(loaded.spec.runtime.generation, stages)[1:] == [
         "  generates in process (policy backend): grpo.train, eval.sft, eval.grpo",
         "  generates on the servers: eval.base"]
     loaded = load_spec(f, external + ["runtime.generation.grpo_server=http://10.0.0.6:8001"])
-    assert "  generates on TRL's vLLM server: grpo.train" in describe_sites(loaded.spec.runtime.generation, stages)
+    assert "  generates on TRL's vLLM server: grpo.train" in describe(loaded.spec.runtime.generation, stages)
     managed = load_spec(f, ["runtime.generation.backend=vllm", "runtime.generation.launch=managed"])
     plan = build_plan(managed, tmp_path)
-    lines = describe(managed.spec.runtime.generation, any(s.generates == "trained" for s in plan.stages))
+    lines = describe(managed.spec.runtime.generation, plan.stages)
     assert lines[0].startswith("policy generation, server 0 (per stage; GPUs 0): vllm serve <checkpoint>")
     assert lines[1].startswith("GRPO stages (TRL server mode; GPUs 0): trl vllm-serve --model <start checkpoint>")
-    assert describe_sites(managed.spec.runtime.generation, plan.stages) == [
+    assert lines[2:] == [
         "  generates on TRL's vLLM server: grpo.train", "  generates on the servers: eval.base, eval.sft, eval.grpo"]
     # the generation block is "how": it changes no stage key
     assert [s.hash for s in plan.stages] == [s.hash for s in build_plan(load_spec(f), tmp_path).stages]
@@ -130,7 +128,7 @@ def test_plan_says_where_each_stage_generates(tmp_path):
 def test_a_server_that_exits_at_start_is_reported_with_its_log(tmp_path):
     port = free_port_range(1)
     launch = ServerLaunch([sys.executable, "-c", "import sys; print('no such model: m'); sys.exit(3)"], None,
-                          f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/v1")
+                          "127.0.0.1", port)
     with pytest.raises(UserError, match=r"(?s)exited with code 3 before it was ready.*no such model: m"):
         ManagedServers([launch], tmp_path, startup_timeout=60).start()
     with socket.socket() as busy:
@@ -143,7 +141,7 @@ def test_a_server_that_exits_at_start_is_reported_with_its_log(tmp_path):
 def test_a_silent_server_times_out_and_is_killed(tmp_path):
     port = free_port_range(1)
     launch = ServerLaunch([sys.executable, "-c", "import time; print('loading', flush=True); time.sleep(600)"],
-                          None, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/v1")
+                          None, "127.0.0.1", port)
     servers = ManagedServers([launch], tmp_path, startup_timeout=2)
     t0 = time.monotonic()
     with pytest.raises(UserError, match=r"(?s)did not answer .*/health within 2 s.*loading"):
@@ -209,7 +207,7 @@ def test_external_servers_serve_the_untrained_policy_only(tmp_path, leafe_cache)
     argv = fill(TRANSFORMERS_SERVE, {"model": path, "host": "127.0.0.1", "port": port, "tp": 1, "seed": 0})
     f = tmp_path / "s.yaml"
     f.write_text(SPEC.replace("  base: {}", "  base: {}\n  sft: {train: {epochs: 1, batch_size: 4, lr: 1.0e-3}}"))
-    with ManagedServers([ServerLaunch(argv, None, f"http://127.0.0.1:{port}", f"http://127.0.0.1:{port}/v1")],
+    with ManagedServers([ServerLaunch(argv, None, "127.0.0.1", port)],
                         tmp_path / "external", startup_timeout=240):
         out = io.StringIO()
         run(load_spec(f, ["runtime.generation.backend=openai", f"runtime.generation.servers=[http://127.0.0.1:{port}/v1]",
@@ -278,7 +276,7 @@ def test_a_server_dies_with_its_run(tmp_path):
         from pathlib import Path
         from leafe.models.servers import ManagedServers, ServerLaunch
         server = [sys.executable, "-c", "import os, time; open({str(pidfile)!r}, 'w').write(str(os.getpid())); time.sleep(600)"]
-        s = ManagedServers([ServerLaunch(server, None, "http://127.0.0.1:9", "http://127.0.0.1:9/v1")], Path({str(tmp_path)!r}), 600)
+        s = ManagedServers([ServerLaunch(server, None, "127.0.0.1", 9)], Path({str(tmp_path)!r}), 600)
         s.start()
     """)
     run_ = subprocess.Popen([sys.executable, "-c", script])
