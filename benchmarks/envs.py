@@ -315,9 +315,9 @@ def lockstep(make_env: Callable[[], Env], key: str, actor: Actor, tasks: list[st
             "trajectory": digest.hexdigest()[:16]}
 
 
-def throughput(key: str, steps: int, batch: int, workers: int, seed: int = 0) -> list[dict]:
-    from leafe.envs.workers import WorkerPool
-
+def throughput_setup(key: str) -> tuple[dict[str, Any], list[str], Actor, int]:
+    """What a throughput run of `key` needs: the adapter options, the task pool, the scripted
+    actor and the episode cap (the preset's max_steps)."""
     b = BENCHES[key]
     options = bench_options(key)
     parent = envs.make(b.adapter, **options)
@@ -326,7 +326,14 @@ def throughput(key: str, steps: int, batch: int, workers: int, seed: int = 0) ->
         actor = Actor(key, parent, tasks)
     finally:
         parent.close()
-    cap = int(preset(b.preset).get("max_steps") or 50)
+    return options, tasks, actor, int(preset(b.preset).get("max_steps") or 50)
+
+
+def throughput(key: str, steps: int, batch: int, workers: int, seed: int = 0) -> list[dict]:
+    from leafe.envs.workers import WorkerPool
+
+    b = BENCHES[key]
+    options, tasks, actor, cap = throughput_setup(key)
     rows = [{"config": "in-process", "workers": 0, "batch": batch, "episode_cap": cap,
              **lockstep(lambda: envs.make(b.adapter, **options), key, actor, tasks, steps,
                         batch, cap, seed)}]

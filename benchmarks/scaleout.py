@@ -28,9 +28,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from envs import BENCHES, Actor, bench_options, lockstep, package_versions, preset  # noqa: E402
-
-from leafe import envs  # noqa: E402
+from envs import BENCHES, lockstep, package_versions, throughput_setup  # noqa: E402
 
 STEPS = {"sokoban": 3000, "sciworld": 240}
 BATCH = 8
@@ -70,14 +68,7 @@ def call_overhead(engine: str, adapter: str, options: dict) -> dict[str, float]:
 
 def throughput(key: str, workers: list[int], steps: int, seed: int = 0) -> dict[str, Any]:
     b = BENCHES[key]
-    options = bench_options(key)
-    parent = envs.make(b.adapter, **options)
-    try:
-        tasks = b.tasks or parent.tasks("train")[: b.task_pool]
-        actor = Actor(key, parent, tasks)
-    finally:
-        parent.close()
-    cap = int(preset(b.preset).get("max_steps") or 50)
+    options, tasks, actor, cap = throughput_setup(key)
     rows = []
     for engine in ("local", "ray"):
         for n in workers:
