@@ -388,8 +388,6 @@ def leafe_grpo_trainer():
 
 
 def run_grpo_stage(ctx) -> None:
-    import contextlib
-
     import torch
     from datasets import Dataset
     from transformers import TrainerCallback
@@ -436,10 +434,14 @@ def run_grpo_stage(ctx) -> None:
     n = cfg.samples_per_iteration
     per_iteration = cfg.mini_batches * cfg.epochs  # optimizer steps
     out = ctx.dir / "trainer"
-    gen = spec.runtime.generation
-    stack = contextlib.ExitStack()
-    server_url = stack.enter_context(grpo_server(ctx, path))
-    try:  # the server is stopped if anything fails before training owns it
+    # placeholder prompts: the rollout function plays the real episodes
+    dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": f"rollout slot {i}"}]}
+                                 for i in range(n // 2)])
+    RecordingModel = _recording_model_class()
+    batches: list[dict] = []
+    rng = random.Random(derive_seed(seed, "subsample"))
+
+    with grpo_server(ctx, path) as server_url, ctx.env_factory() as make_env:
         args = TRLGRPOConfig(
             output_dir=str(out), learning_rate=cfg.lr, lr_scheduler_type="constant", weight_decay=cfg.weight_decay,
             max_grad_norm=cfg.max_grad_norm, per_device_train_batch_size=cfg.batch_size,
@@ -451,18 +453,8 @@ def run_grpo_stage(ctx) -> None:
             max_completion_length=policy.max_tokens, max_steps=cfg.iterations * per_iteration,
             logging_steps=1, save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1,
             report_to="none", seed=seed, data_seed=seed, bf16=dtype == torch.bfloat16, use_cpu=not cuda,
-            dataloader_num_workers=0, disable_tqdm=True, **trl_server_args(server_url, gen),
+            dataloader_num_workers=0, disable_tqdm=True, **trl_server_args(server_url, spec.runtime.generation),
         )
-        # placeholder prompts: the rollout function plays the real episodes
-        dataset = Dataset.from_list([{"prompt": [{"role": "user", "content": f"rollout slot {i}"}]}
-                                     for i in range(n // 2)])
-        RecordingModel = _recording_model_class()
-        batches: list[dict] = []
-        rng = random.Random(derive_seed(seed, "subsample"))
-    except BaseException:
-        stack.close()
-        raise
-    with stack, ctx.env_factory() as make_env:
         rollouts = Rollouts(make_env=make_env, env_spec=spec.env, tasks=tasks, budget=budget, cfg=cfg, seed=seed,
                             dir=ctx.dir, sampling=sampling)
         holder: dict[str, Any] = {}
