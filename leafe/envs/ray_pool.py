@@ -23,7 +23,7 @@ import os
 from typing import Any
 
 from leafe.envs.base import Env
-from leafe.envs.workers import ProxyEnv, call_hosted, check_capacity, count_restart
+from leafe.envs.workers import ProxyEnv, call_hosted, count_restart, place
 from leafe.errors import EnvWorkerError, UserError
 
 
@@ -165,10 +165,7 @@ class RayPool:
         """A new environment on the least loaded actor (round-robin among equals)."""
         if self._closed:
             raise RuntimeError("the Ray pool is closed")
-        n = len(self._slots)
-        s = min(self._slots, key=lambda s: (s.live, (s.index - self._rr) % n))
-        check_capacity(self, s.live)
-        self._rr = (s.index + 1) % n
+        s = place(self, self._slots, lambda s: s.index)
         self._next_eid += 1
         return RayEnv(self, s, self._next_eid)
 

@@ -31,7 +31,7 @@ import threading
 import time
 import traceback
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Callable
 
 from leafe.envs.base import Env, Observation, Snapshot, Step
 from leafe.errors import EnvWorkerError, EnvWorkersExhausted, EnvWorkersFull
@@ -58,13 +58,19 @@ def count_restart(pool: Any, reason: str) -> None:
             "the environment's install and the machines' memory, or raise max_restarts")
 
 
-def check_capacity(pool: Any, least_loaded: int) -> None:
-    """Refuse a new environment when even the least loaded worker hosts `envs_per_worker`."""
-    if pool.envs_per_worker is not None and least_loaded >= pool.envs_per_worker:
+def place(pool: Any, hosts: list[Any], position: Callable[[Any], int]) -> Any:
+    """The host (worker or actor) of `pool` a new environment goes to: the least loaded (`live`),
+    round-robin among equals (`pool._rr`, advanced past it); refused when even that one hosts
+    `envs_per_worker`."""
+    n = len(hosts)
+    host = min(hosts, key=lambda h: (h.live, (position(h) - pool._rr) % n))
+    if pool.envs_per_worker is not None and host.live >= pool.envs_per_worker:
         raise EnvWorkersFull(
             f"{pool.env_name}: a batch needs more than runtime.env_workers.count * envs_per_worker = "
             f"{pool.n} * {pool.envs_per_worker} environments at once; raise count or envs_per_worker, "
             "or lower the batch size (eval.batch_size, or the method's)")
+    pool._rr = (position(host) + 1) % n
+    return host
 
 
 # -- worker process side ---------------------------------------------------------------------
@@ -398,10 +404,7 @@ class WorkerPool:
         """A new environment on the least loaded worker (round-robin among equals)."""
         if self._closed:
             raise RuntimeError("the worker pool is closed")
-        n = len(self._workers)
-        w = min(self._workers, key=lambda w: (w.live, (w.slot - self._rr) % n))
-        check_capacity(self, w.live)
-        self._rr = (w.slot + 1) % n
+        w = place(self, self._workers, lambda w: w.slot)
         if w.proc.poll() is not None:  # died since its last call: replace it first
             w.restart(f"worker {w.slot} died between calls")
         self._next_eid += 1
