@@ -162,13 +162,18 @@ def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
 
 
 def start_checkpoint(plan_stages: list[PlannedStage], stage: PlannedStage) -> str | None:
-    """The stage whose checkpoint `stage`'s policy comes from (through its upstream stages), or
-    None for the spec's own policy."""
+    """The stage whose checkpoint `stage`'s policy comes from, or None for the spec's own policy:
+    an upstream stage that writes one, else what the upstream stages started from (the planner
+    makes an `init:` checkpoint a dependency of a method's first stage only, so a method's later
+    stages, e.g. LEAFE's distillation, start where its exploration did)."""
     by_id = {s.id: s for s in plan_stages}
 
     def start(s: PlannedStage) -> str | None:
         for d in s.deps:
-            found = d if by_id[d].produces_checkpoint else start(by_id[d])
+            if by_id[d].produces_checkpoint:
+                return d
+        for d in s.deps:
+            found = start(by_id[d])
             if found:
                 return found
         return None

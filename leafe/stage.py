@@ -92,12 +92,12 @@ class StageContext:
         return ids[:limit] if limit else ids
 
     def start_checkpoint(self) -> Path | None:
-        """The checkpoint this stage starts from: an upstream stage's, else None (the policy)."""
-        for dep in self.stage.deps:
-            s = self.plan.stage(dep)
-            if s.produces_checkpoint:
-                return self.plan.dir(s) / "checkpoint"
-        return None
+        """The checkpoint this stage starts from (`leafe.plan.start_checkpoint`), else None (the
+        policy)."""
+        from leafe.plan import start_checkpoint
+
+        sid = start_checkpoint(self.plan.stages, self.stage)
+        return None if sid is None else self.plan.dir(self.plan.stage(sid)) / "checkpoint"
 
     def policy_spec(self, checkpoint: Path | None = None) -> ModelSpec:
         """The policy's spec, pointing at `checkpoint` when given."""

@@ -350,23 +350,14 @@ def strip_actions(text: str, pattern: str) -> str:
 
 
 # -- stage: world_model (iwm) -------------------------------------------------------------------
-def _start_of_explore(ctx):
-    """The checkpoint the explore stage started from (the planner makes the `init:` checkpoint a
-    dependency of the first stage only)."""
-    from leafe.stage import StageContext
-
-    explore = ctx.plan.stage(f"{ctx.stage.method}.explore")
-    return StageContext(ctx.loaded, ctx.plan, explore, ctx.plan.dir(explore), ctx.console).start_checkpoint()
-
-
-def _train(ctx, examples: list[dict], train: TrainSpec, start, stats: dict) -> None:
+def _train(ctx, examples: list[dict], train: TrainSpec, stats: dict) -> None:
+    """Fine-tune from the stage's start (ctx.start_checkpoint: the world model for iwm's final
+    stage, else the checkpoint exploration started from)."""
     from leafe.methods.sft import train_sft
     from leafe.seeds import derive_seed
     from leafe.store import atomic_write_json
 
-    tctx = copy.copy(ctx)
-    tctx.start_checkpoint = lambda: start
-    train_stats = train_sft(tctx, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples],
+    train_stats = train_sft(ctx, [{"prompt": e["prompt"], "completion": e["completion"]} for e in examples],
                             train, derive_seed(ctx.spec.seed, ctx.stage.id))
     ctx.console.print(f"  trained {train_stats['steps']} steps on {len(examples)} examples, loss "
                       f"{train_stats['first_loss']:.3f} → {train_stats['last_loss']:.3f}")
@@ -384,13 +375,13 @@ def run_world_model(ctx) -> None:
         from leafe.errors import UserError
 
         raise UserError(f"{ctx.stage.id}: no transitions to learn a world model from")
-    _train(ctx, examples, cfg.world_model_train, _start_of_explore(ctx), {})
+    _train(ctx, examples, cfg.world_model_train, {})
 
 
 def run_iwm_train(ctx) -> None:
     cfg: EarlyExperienceConfig = ctx.loaded.methods[ctx.stage.method]
     # starts from the world-model stage's checkpoint (its dependency)
-    _train(ctx, expert_examples(_explore_records(ctx), ctx.spec.env), cfg.train, ctx.start_checkpoint(), {})
+    _train(ctx, expert_examples(_explore_records(ctx), ctx.spec.env), cfg.train, {})
 
 
 # -- stage: reflect (sr) ------------------------------------------------------------------------
@@ -421,7 +412,7 @@ def run_reflect(ctx) -> None:
         convs.append(conv + [{"role": "user", "content": render(r.user, **variables)}])
     errors = empty = 0
     if convs:
-        loaded = ctx.load_models(("teacher",), _start_of_explore(ctx))
+        loaded = ctx.load_models(("teacher",), ctx.start_checkpoint())
         try:
             sampling = models.sampling_from(ctx.spec.role("teacher"), max_tokens=r.max_tokens,
                                             temperature=r.temperature, seed=derive_seed(ctx.spec.seed, ctx.stage.id))
@@ -472,7 +463,7 @@ def run_sr_train(ctx) -> None:
     if cfg.rationale.max_tokens and policy.max_tokens <= cfg.rationale.max_tokens:
         ctx.console.print(f"[yellow]⚠ {ctx.stage.id}: the policy's max_tokens ({policy.max_tokens}) may not "
                           "leave room for a rationale before the action at evaluation[/yellow]")
-    _train(ctx, examples, cfg.train, _start_of_explore(ctx), {"teacher": read_json(reflect / "rationales.json")})
+    _train(ctx, examples, cfg.train, {"teacher": read_json(reflect / "rationales.json")})
 
 
 class EarlyExperienceMethod(Method):

@@ -99,7 +99,6 @@ def run_distill_stage(ctx) -> None:
     from leafe.errors import UserError
     from leafe.methods.leafe.explore import read_trees
     from leafe.methods.sft import train_sft
-    from leafe.stage import StageContext
     from leafe.store import RecordLog, atomic_write_json, read_json
 
     cfg = ctx.loaded.methods[ctx.stage.method]
@@ -119,12 +118,9 @@ def run_distill_stage(ctx) -> None:
             "trajectories; a stronger starting policy (`init:`), more exploration (budget, "
             "max_attempts) or `only_successful: false` gives examples")
     ctx.console.print(f"  {stats['cf_examples']} counterfactual + {stats['reh_examples']} rehearsal examples")
-    # Distillation starts from the policy exploration used (the `init:` checkpoint), which the
-    # planner makes a dependency of the explore stage only.
-    start = StageContext(ctx.loaded, ctx.plan, explore, ctx.plan.dir(explore), ctx.console).start_checkpoint()
-    train_ctx = copy.copy(ctx)
-    train_ctx.start_checkpoint = lambda: start
-    train_stats = train_sft(train_ctx, [{"prompt": e["prompt"], "completion": e["completion"],
+    # Distillation starts from the policy exploration used (ctx.start_checkpoint: the `init:`
+    # checkpoint the explore stage depends on).
+    train_stats = train_sft(ctx, [{"prompt": e["prompt"], "completion": e["completion"],
                                          "weight": e["weight"]} for e in examples], cfg.train, seed)
     ctx.console.print(f"  trained {train_stats['steps']} steps, loss {train_stats['first_loss']:.3f} → "
                       f"{train_stats['last_loss']:.3f}")
