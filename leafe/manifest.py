@@ -10,6 +10,7 @@ import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import leafe
 from leafe.budget import method_budget
@@ -59,9 +60,20 @@ def host() -> dict:
 def roles(loaded: LoadedSpec) -> dict[str, dict]:
     """What fills each model role: the policy's spec, `{same_as: policy}`, another model's spec,
     or `{backend: oracle, env: <adapter>}` where the environment's solver reflects (privileged
-    information, so a reader of the manifest sees it without reading the spec)."""
-    spec, out = loaded.spec, {}
-    for role in ("policy", "reflector", "teacher"):
+    information, so a reader of the manifest sees it without reading the spec). A method with
+    roles of its own (`methods.<name>.models`) adds `by_method: {name: {role: ...}}`."""
+    out = _roles_of(loaded.spec, ("policy", "reflector", "teacher"))
+    own = {name: _roles_of(loaded.for_method(name).spec, [r for r in ("reflector", "teacher")
+                                                         if getattr(cfg.models, r) is not None])
+           for name, cfg in loaded.methods.items() if getattr(cfg, "models", None) is not None}
+    if own := {k: v for k, v in own.items() if v}:
+        out["by_method"] = own
+    return out
+
+
+def _roles_of(spec: Any, names: Any) -> dict[str, dict]:
+    out = {}
+    for role in names:
         value = getattr(spec.models, role)
         if spec.is_oracle(role):
             out[role] = {"backend": "oracle", "env": spec.env.adapter}

@@ -101,12 +101,13 @@ def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
     per_method: dict[str, list[PlannedStage]] = {}
     for name, cfg in loaded.methods.items():
         method = registry.get(loaded.method_types[name])
+        own = loaded.for_method(name).spec  # the method's own reflector / teacher, if it names one
         stages = []
         for sd in method.stages(name, cfg, loaded):
             stages.append(PlannedStage(
                 id=f"{name}.{sd.name}", kind="train", method=name, deps=[],
                 inputs={**common, "budget": spec.budget.model_dump(mode="json"),
-                        **{f"role:{r}": spec.role(r).model_dump(mode="json", exclude=MODEL_EXECUTION_ONLY)
+                        **{f"role:{r}": own.role(r).model_dump(mode="json", exclude=MODEL_EXECUTION_ONLY)
                            for r in sd.roles},
                         "method": _config_slice(cfg, sd.config_fields), "stage": sd.inputs},
                 version=sd.version, run=sd.run, produces_checkpoint=sd.produces_checkpoint,

@@ -86,6 +86,7 @@ def stage_bounds(loaded: LoadedSpec, stage: PlannedStage, counts: dict[str, int 
     """Upper bounds of one stage (see the module docstring): `calls` and `tokens` per role,
     `interactions`, `per_task` (calls per train task, or per test task for evaluation), the
     `formula` per role, and `known: false` for stages of methods this module has no formula for."""
+    loaded = loaded.for_method(stage.method)  # the method's own reflector / teacher
     spec = loaded.spec
     T, E, S = counts["train"], counts["test"], spec.env.max_steps
     b = spec.budget
@@ -166,7 +167,7 @@ def stage_roles(loaded: LoadedSpec, plan: Plan, stage: PlannedStage) -> dict[str
     from leafe.models.servers import site
     from leafe.plan import start_checkpoint
 
-    spec = loaded.spec
+    spec = loaded.for_method(stage.method).spec  # the method's own reflector / teacher
     gen = spec.runtime.generation
     roles: dict[str, dict[str, Any]] = {}
     if stage.kind == "report":
@@ -303,7 +304,7 @@ def plan_lines(loaded: LoadedSpec, plan: Plan, counts: dict[str, int | None] | N
             if role in bounds["calls"] and calls is None:  # the number of tasks is unknown
                 unit = "test task" if s.kind == "eval" else "train task"
                 per = bounds["per_task"][role]
-                tokens = per * _role_tokens(loaded, role, _token_limit(loaded, s, role))
+                tokens = per * _role_tokens(loaded.for_method(s.method), role, _token_limit(loaded, s, role))
                 parts.append(f"{role} ≤ {_n(per)} calls, {_n(tokens)} tokens per {unit}, {what}")
             elif role in bounds["calls"]:
                 parts.append(f"{role} ≤ {_n(calls)} calls, {_n(bounds['tokens'][role])} tokens, {what}")

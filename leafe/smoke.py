@@ -169,6 +169,9 @@ def smoke_spec(loaded: LoadedSpec, **sizes: Any) -> LoadedSpec:
     models["policy"] = {**_tiny({**models["policy"]}, sizes), "max_tokens": sizes["max_tokens"]}
     for role in ("reflector", "teacher"):
         models[role] = _tiny(models[role], sizes)
+        for cfg in data["methods"].values():  # a method's own roles (`methods.<name>.models`)
+            if (cfg.get("models") or {}).get(role) is not None:
+                cfg["models"][role] = _tiny(cfg["models"][role], sizes)
     notes.append(f"models: every role {sizes['model']} (≤ {sizes['max_tokens']} new tokens), "
                  "roles written as `policy` share its weights")
 

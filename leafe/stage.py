@@ -49,7 +49,8 @@ class StageContext:
 
     @property
     def spec(self):
-        return self.loaded.spec
+        """The spec as this stage's method sees it (its own `models:` roles applied)."""
+        return self.loaded.for_method(self.stage.method).spec
 
     def make_env(self) -> Env:
         from leafe import envs

@@ -11,8 +11,21 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from leafe.spec.schema import ReflectorSpec, RoleSpec
+
 if TYPE_CHECKING:
     from leafe.stage import StageContext
+
+
+class MethodModels(BaseModel):
+    """A method's own model roles (`methods.<name>.models`); an unset role is the spec's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reflector: ReflectorSpec | None = None
+    """As `models.reflector` (`policy`, `oracle` or a model), for this method's stages."""
+    teacher: RoleSpec | None = None
+    """As `models.teacher` (`policy` or a model), for this method's stages."""
 
 
 class MethodConfig(BaseModel):
@@ -38,11 +51,17 @@ class MethodConfig(BaseModel):
     """An extra row: a method the compared paper's table does not have (e.g. sft and rft in the
     Table 1 specs). The plan and the report mark it (`(extra)` after its name). Not part of any
     stage key."""
+    models: MethodModels | None = None
+    """This method's own reflector and/or teacher, in place of the spec's `models:` roles for
+    its stages (e.g. one spec compares LEAFE reflecting with the policy and LEAFE reflecting
+    with the environment's solver or an API model: `leafe_oracle: {use: leafe, models:
+    {reflector: oracle}}`). The role's model enters the key of each stage that calls it, as a
+    spec-level role does; the policy is always the spec's."""
 
 
-#: MethodConfig fields that say how a method is planned or shown, not what its stages compute:
-#: left out of every stage key (`leafe.plan`).
-PLAN_ONLY_FIELDS = frozenset({"reuse", "extra"})
+#: MethodConfig fields left out of the stage keys' method slice (`leafe.plan`): how a method is
+#: planned or shown, and `models`, whose roles enter the keys as `role:<name>` instead.
+PLAN_ONLY_FIELDS = frozenset({"reuse", "extra", "models"})
 
 
 @dataclass

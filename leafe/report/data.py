@@ -214,7 +214,7 @@ def _stage1(loaded: LoadedSpec, seeds: list[tuple[int, LoadedSpec, Plan]]) -> di
             st = plan.stage(f"{name}.explore")
             row = {"method": name, "variant": variant(cfg), "status": plan.status(st),
                    "max_attempts": cfg.max_attempts}
-            if cfg.explore_mode == "leafe" and spec.is_oracle("reflector"):
+            if cfg.explore_mode == "leafe" and loaded.for_method(name).spec.is_oracle("reflector"):
                 row["oracle_reflector"] = [name]
             if len(seeds) > 1:
                 row["seed"] = seed

@@ -320,6 +320,19 @@ class LoadedSpec:
 
         return dataclasses.replace(self, spec=self.spec.model_copy(update={"seed": seed}))
 
+    def for_method(self, name: str) -> "LoadedSpec":
+        """This spec as method `name`'s stages see it: its own `models:` roles (reflector,
+        teacher) in place of the spec's; itself when the method names none (or `name` is not a
+        method, e.g. an evaluation's id)."""
+        import dataclasses
+
+        own = getattr(self.methods.get(name), "models", None)
+        roles = own.model_dump(exclude_unset=True) if own is not None else {}
+        if not roles:
+            return self
+        models = self.spec.models.model_copy(update={r: getattr(own, r) for r in roles})
+        return dataclasses.replace(self, spec=self.spec.model_copy(update={"models": models}))
+
     def per_seed(self) -> list["LoadedSpec"]:
         """One LoadedSpec per master seed the experiment runs under (`Spec.run_seeds`)."""
         return [self.with_seed(s) for s in self.spec.run_seeds()]
@@ -468,19 +481,22 @@ def _whole_spec_problems(loaded: LoadedSpec) -> list[str]:
     from leafe.envs.oracle import OracleUnavailable, check_support
 
     spec, doc, out = loaded.spec, loaded.doc, []
-    callers: dict[str, list[str]] = {}
+    callers: dict[tuple[str, ...], list[str]] = {}  # where the oracle is named -> its callers
     for name, cfg in loaded.methods.items():
         method = registry.get(loaded.method_types[name])
+        own = loaded.for_method(name).spec
         for role in dict.fromkeys(r for sd in method.stages(name, cfg, loaded) for r in sd.roles):
-            if spec.is_oracle(role):
-                callers.setdefault(role, []).append(name)
+            if own.is_oracle(role):
+                mine = getattr(getattr(cfg, "models", None), role, None) is not None
+                at = ("methods", name, "models", role) if mine else ("models", role)
+                callers.setdefault(at, []).append(name)
         for path, msg in method.check(name, cfg, loaded):
             at = ("methods", name, *path)
             out.append(_problem(doc.locate(at), at, msg))
-    for role, names in callers.items():
+    for at, names in callers.items():
+        role = at[-1]
         try:
             check_support(envs.env_class(spec.env.adapter), loaded.env_options)
         except OracleUnavailable as e:
-            at = ("models", role)
             out.append(_problem(doc.locate(at), at, f"methods.{names[0]} calls the {role}" + (f" (so do {', '.join(names[1:])})" if names[1:] else "") + f": {e}"))
     return out

@@ -243,3 +243,47 @@ def test_the_report_labels_a_method_that_starts_from_an_oracle_explored_one(tmp_
         "after ← leafe [oracle reflector via leafe]"
     policy = build_plan(load_spec(f, ["models.reflector=policy"]), tmp_path / "runs")
     assert oracle_methods(policy, "leafe") == []
+
+
+def test_a_method_may_name_its_own_reflector_and_only_its_stages_change(tmp_path):
+    """`methods.<name>.models.reflector`: one spec compares LEAFE reflecting with the policy and
+    with the oracle. The override keys that method's exploration like a spec-level role; the
+    other LEAFE method keeps the spec's reflector and its key."""
+    from leafe.manifest import roles
+    from leafe.planinfo import plan_json
+    from leafe.plan import build_plan
+    from leafe.report.data import oracle_methods
+    from leafe.spec import load_spec
+
+    f = write(tmp_path, "policy")
+    own = ["methods.leafe_oracle={use: leafe, reflect_every: null, max_attempts: 3, batch_tasks: 4, "
+           "models: {reflector: oracle}}"]
+    loaded = load_spec(f, own)
+    plan = build_plan(loaded, tmp_path / "runs")
+    alone = build_plan(load_spec(write(tmp_path, "oracle", "o.yaml")), tmp_path / "runs")
+    assert plan.stage("leafe_oracle.explore").inputs["role:reflector"] == {"backend": "oracle"}
+    assert plan.stage("leafe.explore").inputs["role:reflector"]["backend"] == "transformers"
+    # the same exploration as a spec whose reflector is the oracle (the same config fields)
+    policy_only = build_plan(load_spec(f), tmp_path / "runs")
+    assert plan.stage("leafe.explore").hash == policy_only.stage("leafe.explore").hash
+    assert oracle_methods(plan, "leafe_oracle") == ["leafe_oracle"] and oracle_methods(plan, "leafe") == []
+    assert alone.stage("leafe.explore").inputs["role:reflector"] == {"backend": "oracle"}
+    # the manifest names the method's own role; the plan says where it runs
+    assert roles(loaded)["by_method"] == {"leafe_oracle": {"reflector": {"backend": "oracle", "env": "sokoban"}}}
+    st = {s["id"]: s for s in plan_json(loaded, [(0, plan)])["stages"]}
+    assert st["leafe_oracle.explore"]["roles"]["reflector"]["backend"] == "oracle"
+    assert st["leafe_oracle.explore"]["bounds"]["tokens"]["reflector"] == 0  # no model
+    assert st["leafe.explore"]["roles"]["reflector"] == {"same_as": "policy"}
+    # a method's own oracle is checked like a spec-level one (several branches repeat it)
+    r = CliRunner().invoke(app, ["validate", str(f), "--set", own[0], "--set",
+                                 "methods.leafe_oracle.branches_per_node=2"])
+    assert r.exit_code == 2 and "branches_per_node" in r.output
+    # and refused where the environment has no solver, pointing at the method's field
+    sci = tmp_path / "sci.yaml"
+    sci.write_text(f.read_text().replace("use: sokoban", "use: sciworld"))
+    r = CliRunner().invoke(app, ["validate", str(sci), "--set", own[0]])
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "methods.leafe_oracle.models.reflector: methods.leafe_oracle calls the reflector" in out
+    # an unknown role is refused
+    r = CliRunner().invoke(app, ["validate", str(f), "--set", "methods.leafe.models={policy: policy}"])
+    assert r.exit_code == 2 and "methods.leafe.models.policy" in " ".join(r.output.split())

@@ -288,7 +288,7 @@ class LeafeMethod(Method):
     def check(self, instance, config, spec):
         # the oracle's answer is a function of the trajectory: n samples would be n equal branches
         if (config.explore_mode == "leafe" and config.branches_per_node > 1
-                and spec.spec.is_oracle("reflector")):
+                and spec.for_method(instance).spec.is_oracle("reflector")):
             return [(("branches_per_node",), "the oracle reflector (models.reflector: oracle) gives one answer per "
                      "trajectory, so more than one branch per reflection point would repeat it; set "
                      "branches_per_node: 1")]
