@@ -185,6 +185,65 @@ def test_seeds_and_sample_indices_give_different_samples(tiny):
     assert texts(b[:4]) == texts(b[4:]) == one
 
 
+# ------------------------------------------------------------------------------ shared prompt prefixes
+
+SYSTEM = {"role": "system", "content": "You are an agent in a grid world. Push every box onto a goal. "
+                                       "Answer with one <action>up</action>, down, left or right."}
+ROOMS = [[SYSTEM, {"role": "user", "content": f"Room {i}: " + "#_O" * (i % 4) + " Move?"}] for i in range(6)]
+
+
+def token_positions(model, convs, sampling, seeds=None):
+    """The completions, and the token positions of every forward pass (batch x width)."""
+    seen: list[tuple[int, int]] = []
+    model._prefix_sharing()  # its one-time check of the model's cache, before counting
+    hook = model.model.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(tuple((kwargs.get("input_ids") if "input_ids" in kwargs else args[0]).shape)),
+        with_kwargs=True)
+    try:
+        out = model.generate(convs, sampling, seeds=seeds)
+    finally:
+        hook.remove()
+    return out, seen
+
+
+def test_shared_prefix_is_computed_once_and_changes_no_sample(tiny):
+    """A batch's common prompt prefix (here a system prompt) is prefilled once for all rows,
+    and the samples are exactly those of prefilling every row whole (float32), greedy or
+    seeded, with rows of different lengths (padding between prefix and rest)."""
+    from leafe.models.transformers import SHARED_PREFIX_MIN, TransformersModel
+
+    tiny = float32_cpu(tiny)
+    whole = TransformersModel(tiny.model, tiny.tokenizer, tiny.spec, {})
+    whole._share_prefix = False  # the plain path: every row left padded and prefilled whole
+    encoded = [tiny._encode(c) for c in ROOMS]
+    common = next(i for i in range(min(map(len, encoded))) if len({e[i] for e in encoded}) > 1)
+    assert common >= SHARED_PREFIX_MIN and len({len(e) for e in encoded}) > 1
+    for sampling, seeds in ((Sampling(temperature=1.0, max_tokens=8, n=2), list(range(6))),
+                            (Sampling(temperature=0, max_tokens=8), None)):
+        shared, passes = token_positions(tiny, ROOMS, sampling, seeds)
+        plain, plain_passes = token_positions(whole, ROOMS, sampling, seeds)
+        assert texts(shared) == texts(plain)
+        assert [c.completion_tokens for c in shared] == [c.completion_tokens for c in plain]
+        rows = 6 * sampling.n
+        longest = max(map(len, encoded))
+        # shared: one pass over the prefix (1 row), then the rows' own rests; plain: whole rows
+        assert passes[0] == (1, common) and passes[1] == (rows, longest - common)
+        assert plain_passes[0] == (rows, longest)
+        assert sum(b * w for b, w in passes) < sum(b * w for b, w in plain_passes)
+
+
+def test_samples_of_one_conversation_share_its_prompt(tiny):
+    """n samples of one conversation: its prompt (all but the last token) is prefilled once;
+    each sample is still the one its seed gives alone in a batch of other conversations."""
+    tiny = float32_cpu(tiny)
+    s = Sampling(temperature=1.0, max_tokens=8, n=4)
+    out, passes = token_positions(tiny, [ROOMS[3]], s, seeds=[77])
+    prompt = len(tiny._encode(ROOMS[3]))
+    assert passes[0] == (1, prompt - 1) and passes[1] == (4, 1)
+    mixed = tiny.generate(CONVS + [ROOMS[3]], s, seeds=[1, 2, 3, 77])
+    assert by_sample(mixed, 3) == by_sample(out, 0)
+
+
 def test_greedy_ignores_seeds(tiny):
     s = Sampling(temperature=0, max_tokens=8, n=2)
     assert texts(tiny.generate(CONVS, s, seeds=[1, 2, 3])) == texts(tiny.generate(CONVS, s))
