@@ -156,6 +156,9 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
                           f"({workers.num_cpus:g} CPU each) on {where}")
         else:
             console.print(f"environment workers: {workers.count} local processes")
+    from leafe.threads import resolve as resolve_threads
+
+    console.print(f"torch threads: {resolve_threads(spec_.runtime.threads).describe()}", highlight=False)
     if spec_.runtime.generation.backend != "local":
         from leafe.models.servers import describe
 

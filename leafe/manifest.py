@@ -95,12 +95,17 @@ def manifest_path(loaded: LoadedSpec, plan: Plan) -> Path:
     return plan.root / f"{stem}.json"
 
 
-def write_manifest(loaded: LoadedSpec, plan: Plan) -> Path:
+def write_manifest(loaded: LoadedSpec, plan: Plan, threads: dict | None = None) -> Path:
+    """`threads`: what torch used in the `leafe run` that writes it (`leafe.threads.apply`);
+    None keeps the previous manifest's (a run with nothing left to do starts no torch)."""
     path = manifest_path(loaded, plan)
     created = None
     if path.exists():
         try:
-            created = read_json(path).get("created")
+            previous = read_json(path)
+            created = previous.get("created")
+            if threads is None:
+                threads = previous.get("threads")
         except (OSError, ValueError):
             created = None
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -137,6 +142,7 @@ def write_manifest(loaded: LoadedSpec, plan: Plan) -> Path:
         "packages": package_versions(),
         "git": git_revision(),
         "host": host(),
+        "threads": threads,  # torch's CPU threads (runtime.threads; see leafe.threads)
         "created": created or now,
         "updated": now,
     })

@@ -64,8 +64,9 @@ def run_one(loaded: LoadedSpec, runs_dir: Path | str, console: Console) -> Plan:
     work_left = any(plan.status(s) not in ("done", "always") for s in plan.stages)
     if work_left:
         check_data(loaded)  # before the run directory is touched
-    with run_lock(plan.root), run_logging(console, plan.root / "leafe.log"):
-        write_manifest(loaded, plan)
+    with run_lock(plan.root), run_logging(console, plan.root / "leafe.log"), \
+            _threads(loaded, work_left, console) as threads:
+        write_manifest(loaded, plan, threads)
         if work_left:
             _preflight(loaded, console)
         for stage in plan.stages:
@@ -93,8 +94,23 @@ def run_one(loaded: LoadedSpec, runs_dir: Path | str, console: Console) -> Plan:
             else:
                 _run_resuming(loaded, plan, stage, d, console)
             atomic_write_text(d / "DONE", f"{time.perf_counter() - t0:.1f} s\n")
-            write_manifest(loaded, plan)
+            write_manifest(loaded, plan, threads)
     return plan
+
+
+@contextmanager
+def _threads(loaded: LoadedSpec, work_left: bool, console: Console):
+    """torch's CPU threads while stages run (`runtime.threads`, see leafe.threads); yields what
+    torch uses (for the manifest), or None, and imports no torch, when every stage is done."""
+    if not work_left:
+        yield None
+        return
+    from leafe import threads
+
+    resolved = threads.resolve(loaded.spec.runtime.threads)
+    with threads.using(resolved) as record:
+        console.print(f"[dim]torch threads: {resolved.describe()}[/dim]")
+        yield record
 
 
 def _run_resuming(loaded: LoadedSpec, plan: Plan, stage, d: Path, console: Console) -> None:

@@ -79,15 +79,19 @@ def run_launched(ctx, examples: list[dict], train, seed: int) -> dict:
     start = ctx.start_checkpoint()
     job = d / "job.json"
     (d / "result.json").unlink(missing_ok=True)
+    from leafe import threads
+
+    # the job's processes share the run's threads (runtime.threads)
+    each = threads.per_process(threads.resolve(ctx.spec.runtime.threads).threads, rt.num_processes)
     atomic_write_json(job, {
         "spec": ctx.loaded.spec.model_dump(mode="json"), "method_order": list(ctx.loaded.methods),
         "runs_dir": str(ctx.plan.root.parent), "stage": ctx.stage.id, "dir": str(ctx.dir),
         "start": str(start) if start is not None else None,
-        "train": train.model_dump(mode="json"), "seed": seed,
+        "train": train.model_dump(mode="json"), "seed": seed, "threads": each,
     })
     cmd = launch_command(rt, job)
-    ctx.console.print(f"  launching: {' '.join(cmd)}")
-    env = {**os.environ, IN_LAUNCH: "1"}
+    ctx.console.print(f"  launching: {' '.join(cmd)} ({each} torch thread{'s' if each > 1 else ''} per process)")
+    env = {**os.environ, **threads.child_env(each), IN_LAUNCH: "1"}
     with open(d / "launch.log", "w") as log:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0 or not (d / "result.json").exists():
@@ -109,6 +113,10 @@ def main(job_path: str) -> None:
     from leafe.store import RecordLog, atomic_write_json, read_json
 
     job = read_json(Path(job_path))
+    if job.get("threads"):
+        from leafe import threads
+
+        threads.apply(threads.Threads(job["threads"], "launch job", threads.usable_cores(), job["threads"]))
     rank = int(os.environ.get("RANK", "0"))
     loaded = load_dump(job["spec"], job["method_order"])
     plan = build_plan(loaded, job["runs_dir"])

@@ -304,7 +304,8 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     return {"train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "steps": trainer.state.global_step,
             "examples": len(rows), "resumed": resume, "processes": trainer.accelerator.num_processes,
-            "distributed": str(trainer.accelerator.distributed_type.value)}
+            "distributed": str(trainer.accelerator.distributed_type.value),
+            "torch_threads": torch.get_num_threads()}  # per process (runtime.threads)
 
 
 def run_sft_stage(ctx) -> None:

@@ -496,6 +496,14 @@ class RuntimeSpec(Strict):
     """Where the policy generates during rollouts and evaluation (inference servers)."""
     training: TrainingRuntime = Field(default_factory=TrainingRuntime)
     """Launching of training stages."""
+    threads: int | None = Field(None, ge=1, strict=True)
+    """CPU threads torch uses in each leafe process that runs it: the `leafe run` process
+    (generation, evaluation, in-process training) and a launched training job's processes,
+    which share them (threads // num_processes each, at least 1). null: `OMP_NUM_THREADS` when
+    the environment sets it, else half the usable cores (physical cores among the CPUs the
+    process may use, within its cgroup quota), at least 1: torch's own default (every core)
+    spins against other jobs on a shared machine (a 5x slower evaluation, measured). The run
+    manifest records what was used (`threads`); `leafe plan` prints it."""
 
 
 class EvalSpec(Strict):
