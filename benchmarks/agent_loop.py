@@ -101,8 +101,10 @@ def main() -> None:
         entries[key] = {
             "model": NAMES[key],
             "measured": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "note": (f"torch on {torch.get_num_threads()} intra-op thread(s) for both batch sizes; the load "
-                     "average shows whether other jobs ran: compare the ratio within a run, not absolute rates"),
+            "note": (f"torch on {torch.get_num_threads()} intra-op thread(s) for both batch sizes; "
+                     + (f"the machine was busy (load average {load_before[0]:.1f} on {os.cpu_count()} CPUs before "
+                        "the run): " if load_before[0] > 0.5 else "")
+                     + "compare the ratio within a run, not absolute rates"),
             "conditions": {"torch_threads": torch.get_num_threads(),
                            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"), "repeats": args.repeats,
                            "episodes": args.episodes, "steps": args.steps, "batch_sizes": [1, 16],
