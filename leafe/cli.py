@@ -10,12 +10,29 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
 from rich.markup import escape  # error texts quote spec values: `[..]` there is not markup
 
 import leafe
-from leafe.errors import SpecError, UserError
+from leafe.errors import RunDataError, SpecError, UserError
+
+INTERRUPTED = "interrupted; re-run the same command to resume"
+
+
+class _Commands(TyperGroup):
+    """leafe's command group: Ctrl-C (KeyboardInterrupt) in any command prints how to go on
+    and exits 130; typer would exit 130 before `main` could say anything."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            err.print(INTERRUPTED, highlight=False)
+            raise typer.Exit(130) from None
+
 
 app = typer.Typer(
+    cls=_Commands,
     name="leafe",
     help="LEAFE and baselines for LLM agents: one YAML spec → training, Pass@k evaluation, report.",
     no_args_is_help=True,
@@ -33,7 +50,7 @@ ReportsOpt = typer.Option(Path("reports"), "--reports-dir", help="Where reports 
 
 
 def _fail(e: Exception) -> None:
-    if isinstance(e, SpecError):
+    if isinstance(e, (SpecError, RunDataError)):
         for p in e.problems:
             err.print(f"[red]error:[/red] {escape(p)}", highlight=False, soft_wrap=True)
     else:
@@ -117,7 +134,8 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
         _fail(e)
     for line in loaded.smoke or []:
         console.print(f"smoke: {line}", soft_wrap=True, highlight=False, markup=False)
-    colors = {"done": "green", "partial": "yellow", "todo": "white", "always": "dim"}
+    colors = {"done": "green", "partial": "yellow", "todo": "white", "always": "dim", "incomplete": "yellow",
+              "damaged": "red"}
     for seed, p in plans:  # one table per master seed of a multi-seed spec
         title = f"plan for {loaded.spec.name} → {p.root}" + (f" (seed {seed})" if len(plans) > 1 else "")
         table = Table(title=title, title_justify="left")
@@ -127,9 +145,11 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
             st = p.status(s)
             deps = ", ".join(s.deps + [f"{a} (budget.match)" for a in s.after])
             sid = s.id + (f" = {s.same_as}" if s.same_as else "")
+            cell = st if st not in ("incomplete", "damaged") else f"{st} ({escape(p.check(s).reason())})"
             table.add_row(sid, s.kind, deps or "-", s.hash[:12] if s.kind != "report" else "-",
-                          f"[{colors[st]}]{st}[/{colors[st]}]")
+                          f"[{colors[st]}]{cell}[/{colors[st]}]")
         console.print(table)
+    damaged = _unusable_stages(plans)
     from leafe.budget import budget_fit
 
     for line in budget_fit(loaded.spec, loaded.methods, loaded.method_types)[0]:
@@ -181,6 +201,24 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
             other = launch_command(training, "<stage dir>/launch/job.json", cuda=False, machine_rank=1)
             console.print(f"  and on each of the other {training.num_machines - 1} machines (the run directory on a "
                           "shared filesystem, machine_rank 1, 2, ...): " + shown(other), soft_wrap=True)
+    if damaged:
+        _fail(damaged)
+
+
+def _unusable_stages(plans) -> RunDataError | None:
+    """Print a line per incomplete finished stage (`leafe run` runs it again); the error for
+    damaged ones (`leafe plan` exits 2 after the plan), None when there are none."""
+    from leafe.integrity import damaged_error
+
+    problems = []
+    for _, p in plans:
+        for s, c in p.unusable():
+            if c.status == "damaged":
+                problems.append(str(damaged_error(s.id, p.dir(s), c)))
+            else:
+                console.print(f"[yellow]{s.id}: {escape(c.reason())} from the finished stage; `leafe run` runs "
+                              "it again[/yellow]", soft_wrap=True, highlight=False)
+    return RunDataError(problems) if problems else None
 
 
 @app.command()
@@ -203,7 +241,6 @@ def _load_source(path: Path, sets: list[str] | None):
     if not path.is_dir():
         return _load(path, sets)
     from leafe.spec.loader import load_dump
-    from leafe.store import read_json
 
     every = sorted(path.glob("manifest*.json"), key=lambda p: p.stat().st_mtime)
     # the directory's own spec (manifest.json, manifest.seed-N.json) before specs that share it
@@ -213,15 +250,42 @@ def _load_source(path: Path, sets: list[str] | None):
     if not manifests:
         raise UserError(f"{path}: not a run directory (no manifest.json); pass the spec file or "
                         f"runs/<name>/ of a `leafe run`")
-    m = read_json(manifests[-1])
+    m = _read_manifest(manifests[-1])
     spec = dict(m["spec"])
-    if spec.get("seeds"):
+    if spec.get("seeds") and isinstance(spec["seeds"], list):
         spec["seed"] = spec["seeds"][0]
     try:
         return load_dump(spec, m.get("method_order"), sets)
     except UserError as e:
         raise UserError(f"{manifests[-1]}: its recorded spec does not load under leafe {leafe.__version__} "
                         f"({e}); pass the spec file instead") from None
+
+
+def _read_manifest(path: Path) -> dict:
+    """A run manifest as a dict with a `spec` object; a UserError naming the file otherwise."""
+    from leafe.store import read_json
+
+    fix = "restore it from a copy, or pass the spec file instead of the run directory"
+    try:
+        m = read_json(path)
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a leafe manifest (not UTF-8 text); {fix}") from None
+    except ValueError as e:
+        raise UserError(f"{path}: not a leafe manifest (not valid JSON: {e}); {fix}") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read the manifest ({e.strerror or e})") from None
+    if not isinstance(m, dict):
+        raise UserError(f"{path}: not a leafe manifest (a JSON {type(m).__name__}, not an object); {fix}")
+    if not isinstance(m.get("spec"), dict):
+        raise UserError(f"{path}: not a leafe manifest (no `spec` object: the spec it ran is not recorded); {fix}")
+    methods = m["spec"].get("methods")
+    if not isinstance(methods, dict):
+        raise UserError(f"{path}: not a leafe manifest (its `spec` has no `methods` object); {fix}")
+    order = m.get("method_order")
+    if order is not None and not (isinstance(order, list) and all(isinstance(x, str) and x in methods
+                                                                   for x in order)):
+        raise UserError(f"{path}: not a leafe manifest (`method_order` is not a list of the spec's methods); {fix}")
+    return m
 
 
 @app.command()
@@ -366,6 +430,6 @@ def data_get(
 def main() -> None:
     try:
         app()
-    except KeyboardInterrupt:
-        err.print("interrupted; re-run the same command to resume")
+    except KeyboardInterrupt:  # outside a command (e.g. while parsing arguments)
+        err.print(INTERRUPTED, highlight=False)
         sys.exit(130)

@@ -16,6 +16,16 @@ class SpecError(UserError):
         super().__init__("\n".join(problems))
 
 
+class RunDataError(UserError):
+    """A run directory's files are not what leafe wrote (damaged or missing records, a
+    manifest that is not one); carries one message per problem, each naming the file and
+    how to fix it."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
 class NonDeterministicEnvError(RuntimeError):
     """Replaying an action prefix did not reproduce the recorded observation."""
 

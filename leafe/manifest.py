@@ -103,11 +103,12 @@ def write_manifest(loaded: LoadedSpec, plan: Plan, threads: dict | None = None) 
     if path.exists():
         try:
             previous = read_json(path)
+        except (OSError, ValueError):  # unreadable: rewritten whole below
+            previous = None
+        if isinstance(previous, dict):
             created = previous.get("created")
             if threads is None:
                 threads = previous.get("threads")
-        except (OSError, ValueError):
-            created = None
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     stages = []
     models = {}

@@ -8,13 +8,16 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import leafe
-from leafe.errors import SpecError
+from leafe.errors import RunDataError, SpecError
 from leafe.methods.api import PLAN_ONLY_FIELDS
 from leafe.spec.loader import LoadedSpec
 from leafe.spec.schema import METHOD_ONLY, MODEL_EXECUTION_ONLY
+
+if TYPE_CHECKING:
+    from leafe.integrity import StageCheck
 
 EVAL_VERSION = 1
 
@@ -63,15 +66,39 @@ class Plan:
         return self.root / stage.dirname
 
     def status(self, stage: PlannedStage) -> str:
-        """done, partial (has artifacts, will resume) or todo."""
+        """done, partial (has artifacts, will resume), todo, incomplete (finished, but a file
+        it wrote is gone: runs again) or damaged (finished, but a file it wrote changed: not
+        used); `always` for the report. See `leafe.integrity`."""
         if stage.kind == "report":
             return "always"
-        d = self.dir(stage)
-        if (d / "DONE").exists():
-            return "done"
-        if d.exists() and any(d.iterdir()):
-            return "partial"
-        return "todo"
+        return self.check(stage).status
+
+    def check(self, stage: PlannedStage) -> "StageCheck":
+        """The stage's directory against its DONE marker (`leafe.integrity.check_stage`)."""
+        from leafe.integrity import check_stage
+
+        return check_stage(self.dir(stage))
+
+    def unusable(self) -> list[tuple[PlannedStage, "StageCheck"]]:
+        """Finished stages that must not be used as they are: damaged or incomplete."""
+        out = []
+        for s in self.stages:
+            if s.kind != "report":
+                c = self.check(s)
+                if c.status in ("damaged", "incomplete"):
+                    out.append((s, c))
+        return out
+
+    def raise_if_damaged(self, incomplete_too: bool = False) -> None:
+        """A UserError naming every damaged finished stage (and, with `incomplete_too`, every
+        incomplete one), its files and what to do; nothing when there are none."""
+        from leafe.integrity import damaged_error, incomplete_error
+
+        problems = [str(damaged_error(s.id, self.dir(s), c)) if c.status == "damaged"
+                    else str(incomplete_error(s.id, self.dir(s), c))
+                    for s, c in self.unusable() if c.status == "damaged" or incomplete_too]
+        if problems:
+            raise RunDataError(problems)
 
 
 def _digest(obj: Any) -> str:

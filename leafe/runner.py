@@ -1,7 +1,9 @@
 """Execute a plan: run every stage that is not done, in dependency order, then the report.
 
 A finished stage (DONE marker) is reused; a partial one resumes from its records. One run at a
-time per run directory (an advisory file lock).
+time per run directory (an advisory file lock). The DONE marker records what the stage wrote
+(`leafe.integrity`): a finished stage that lost a file runs again (resuming from what it
+kept); one whose files changed stops the run (exit 2) before anything runs, naming the file.
 
 A training stage whose environment worker crashed or hung (`EnvWorkerError`) is resumed in
 place, from what it saved, up to `runtime.env_workers.episode_retries` times, exactly as a
@@ -18,12 +20,13 @@ from pathlib import Path
 from rich.console import Console
 
 from leafe.errors import EnvWorkerError, UserError
+from leafe.integrity import DONE, write_done
 from leafe.manifest import write_manifest
 from leafe.plan import Plan, build_plan
 from leafe.report import write_reports
 from leafe.spec.loader import LoadedSpec
 from leafe.stage import StageContext, run_eval
-from leafe.store import atomic_write_json, atomic_write_text
+from leafe.store import atomic_write_json
 
 
 @contextmanager
@@ -61,6 +64,7 @@ def run_one(loaded: LoadedSpec, runs_dir: Path | str, console: Console) -> Plan:
 
     quiet_libraries()
     plan = build_plan(loaded, runs_dir)
+    plan.raise_if_damaged()  # never build on a finished stage whose files changed
     work_left = any(plan.status(s) not in ("done", "always") for s in plan.stages)
     if work_left:
         check_data(loaded)  # before the run directory is touched
@@ -82,20 +86,36 @@ def run_one(loaded: LoadedSpec, runs_dir: Path | str, console: Console) -> Plan:
                 console.print(f"[dim]✓ {stage.id} (cached: {plan.dir(stage)})[/dim]")
                 continue
             d = plan.dir(stage)
+            if status == "incomplete":
+                _reopen(stage.id, d, plan.check(stage), console)
             d.mkdir(parents=True, exist_ok=True)
             atomic_write_json(d / "stage.json", {"id": stage.id, "kind": stage.kind, "hash": stage.hash,
                                                  "deps": stage.deps, "inputs": stage.inputs,
                                                  "version": stage.version})
-            verb = "resuming" if status == "partial" else "running"
+            verb = {"partial": "resuming", "incomplete": "re-running"}.get(status, "running")
             console.print(f"[bold]▶ {verb} {stage.id}[/bold] → {d}")
             t0 = time.perf_counter()
             if stage.kind == "eval":
                 run_eval(StageContext(loaded, plan, stage, d, console))
             else:
                 _run_resuming(loaded, plan, stage, d, console)
-            atomic_write_text(d / "DONE", f"{time.perf_counter() - t0:.1f} s\n")
+            write_done(d, time.perf_counter() - t0)
             write_manifest(loaded, plan, threads)
     return plan
+
+
+def _reopen(stage_id: str, d: Path, check, console: Console) -> None:
+    """A finished stage lost a file it wrote: remove its DONE marker so it runs again, from
+    what it kept (as if killed just before it finished), and say so."""
+    import logging
+
+    from rich.markup import escape
+
+    console.print(f"[yellow]⚠ {stage_id}: {escape(', '.join(check.missing))} missing from the finished stage "
+                  f"({d}); running the stage again to write it[/yellow]")
+    logging.getLogger("leafe").info("%s: %s missing from the finished stage; running it again",
+                                    stage_id, ", ".join(check.missing))
+    (d / DONE).unlink(missing_ok=True)
 
 
 @contextmanager

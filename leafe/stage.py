@@ -16,7 +16,6 @@ unrecorded episodes are recorded as errored failures (`error` field), never drop
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from leafe.plan import Plan, PlannedStage
 from leafe.seeds import derive_seed
 from leafe.spec.loader import LoadedSpec
 from leafe.spec.schema import ModelSpec
-from leafe.store import RecordLog, atomic_write_json, read_json
+from leafe.store import RecordLog, atomic_write_json, iter_records, read_json
 
 if TYPE_CHECKING:
     from leafe.models.base import ChatModel
@@ -311,14 +310,9 @@ def _errored_episodes(err: EnvWorkerError, chunk: list[tuple[str, int]],
 
 
 def read_episodes(stage_dir: Path) -> list[dict]:
+    """The episode records of an evaluation stage (a line still being written is skipped; a
+    damaged one is a `CorruptRecordError` naming the file and line)."""
     path = stage_dir / "records.jsonl"
     if not path.exists():
         return []
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.endswith("\n"):
-                r = json.loads(line)
-                if r["kind"] == "episode":
-                    out.append(r)
-    return out
+    return [r for r in iter_records(path, complete_only=True) if r.get("kind") == "episode"]

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from leafe.errors import UserError
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +51,36 @@ def atomic_replace_dir(tmp_dir: Path, final: Path) -> None:
         os.replace(tmp_dir, final)
 
 
+class CorruptRecordError(UserError):
+    """A record log holds a line that is not a JSON object."""
+
+
+def parse_record(path: Path, lineno: int, line: str | bytes) -> dict:
+    """One line of a record log as a dict, or a `CorruptRecordError` saying where and what to do."""
+    try:
+        record = json.loads(line)
+        problem = None if isinstance(record, dict) else f"a JSON {type(record).__name__}, not a record object"
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        problem = f"not valid JSON: {e}"
+    if problem is None:
+        return record
+    raise CorruptRecordError(
+        f"{path} line {lineno}: {problem}; the file was damaged after leafe wrote it (leafe writes whole "
+        f"records). Delete the stage directory {path.parent} to run that stage again, or restore the file "
+        "from a copy")
+
+
+def iter_records(path: Path, complete_only: bool = False) -> Iterator[dict]:
+    """The records of a JSONL file, blank lines skipped; `complete_only`: a last line without
+    its newline (a write in progress) is skipped, not parsed."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            if complete_only and not line.endswith(b"\n"):
+                continue
+            if line.strip():
+                yield parse_record(path, lineno, line)
+
+
 class RecordLog:
     """An append-only JSONL file."""
 
@@ -70,12 +102,12 @@ class RecordLog:
                 os.fsync(f.fileno())
 
     def __iter__(self) -> Iterator[dict]:
+        """The records in order; a line that is not a JSON object is a `CorruptRecordError`
+        naming the file and line (leafe writes whole lines: such a line was damaged outside
+        it)."""
         if not self.path.exists():
             return
-        with open(self.path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield json.loads(line)
+        yield from iter_records(self.path)
 
     def read(self) -> list[dict]:
         return list(self)

@@ -120,12 +120,11 @@ def locate(run: Path, method: str | None = None, *, sets: list[str] | None = Non
 def read_trees(stage_dir: Path) -> dict[str, dict]:
     """Tree records by task (first record wins, as Stage 2 reads them), in file order; a torn
     last line (a stage killed mid-write) is skipped, the file is not modified."""
+    from leafe.store import iter_records
+
     out: dict[str, dict] = {}
-    with open(stage_dir / TREES, encoding="utf-8") as f:
-        for line in f:
-            if line.endswith("\n") and line.strip():
-                r = json.loads(line)
-                out.setdefault(r["task"], r)
+    for r in iter_records(stage_dir / TREES, complete_only=True):
+        out.setdefault(r["task"], r)
     return out
 
 

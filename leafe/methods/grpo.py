@@ -562,6 +562,7 @@ class MiniBatchQueue:
 def run_grpo_stage(ctx) -> None:
     import torch
     from datasets import Dataset
+    from rich.markup import escape
     from transformers import TrainerCallback
     from trl import GRPOConfig as TRLGRPOConfig
 
@@ -572,6 +573,7 @@ def run_grpo_stage(ctx) -> None:
     from leafe.models.servers import grpo_server
     from leafe.seeds import derive_seed
     from leafe.store import atomic_write_json
+    from leafe.training.checkpoints import resume_checkpoint
 
     cfg: GRPOConfig = ctx.loaded.methods[ctx.stage.method]
     spec = ctx.spec
@@ -705,11 +707,13 @@ def run_grpo_stage(ctx) -> None:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(training_callback(ctx.console, ctx.stage.id))
         trainer.add_callback(BudgetStop())
-        resume = any(out.glob("checkpoint-*")) if out.exists() else False
+        start = resume_checkpoint(out, lambda line: ctx.console.print(
+            f"  [yellow]⚠ {ctx.stage.id}: {escape(line)}[/yellow]"))  # skips incomplete checkpoints
+        resume = start is not None
         trl_log = logging.getLogger("trl.trainer.grpo_trainer")
         trl_log.addFilter(_padding_reward_filter)
         try:
-            trainer.train(resume_from_checkpoint=True if resume else None)
+            trainer.train(resume_from_checkpoint=str(start) if resume else None)
         finally:
             trl_log.removeFilter(_padding_reward_filter)
 

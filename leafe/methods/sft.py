@@ -4,8 +4,9 @@ Demonstrations come from `Env.expert(task_id)` on the train tasks, rendered with
 prompt templates as the agent loop, so the model learns exactly the replies it must produce.
 Training is TRL's SFTTrainer on prompt-completion pairs with the loss on the assistant reply
 only (`completion_only_loss`), full fine-tuning or LoRA (merged into the saved checkpoint so
-evaluation loads one plain model directory). A killed stage resumes from the last trainer
-checkpoint.
+evaluation loads one plain model directory). A killed stage resumes from the last complete
+trainer checkpoint (`leafe.training.checkpoints`: one cut short while saving is skipped and
+removed, with a line saying so).
 """
 
 from __future__ import annotations
@@ -233,8 +234,14 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     import math
     import os
 
-    from leafe.methods.launch import IN_LAUNCH, run_launched
+    from rich.markup import escape
 
+    from leafe.methods.launch import IN_LAUNCH, run_launched
+    from leafe.training.checkpoints import resume_checkpoint, whole_run_loss
+
+    out = ctx.dir / "trainer"
+    if not os.environ.get(IN_LAUNCH):  # one process looks (and removes incomplete checkpoints)
+        resume_checkpoint(out, lambda line: ctx.console.print(f"  [yellow]⚠ {ctx.stage.id}: {escape(line)}[/yellow]"))
     if ctx.spec.runtime.training.launcher == "accelerate" and not os.environ.get(IN_LAUNCH):
         return run_launched(ctx, examples, train, seed)
     # a launched process takes its share of the global batch
@@ -258,7 +265,6 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
         peft_config = LoraConfig(r=train.lora.r, lora_alpha=train.lora.alpha, lora_dropout=train.lora.dropout,
                                  target_modules=train.lora.target_modules, task_type="CAUSAL_LM")
 
-    out = ctx.dir / "trainer"
     args = TRLSFTConfig(
         output_dir=str(out), num_train_epochs=train.epochs, learning_rate=train.lr,
         lr_scheduler_type=train.scheduler, warmup_steps=train.warmup_ratio,
@@ -288,8 +294,9 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(training_callback(ctx.console, ctx.stage.id))
-    resume = any(p.name.startswith("checkpoint-") for p in out.glob("checkpoint-*")) if out.exists() else False
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    start = resume_checkpoint(out)  # complete ones only (incomplete ones were removed above)
+    resume = start is not None
+    trainer.train(resume_from_checkpoint=str(start) if resume else None)
 
     acc = trainer.accelerator
     state_dict = None
@@ -301,7 +308,8 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
         atomic_write_json(ctx.dir / "train_log.json", trainer.state.log_history)
     trainer.accelerator.wait_for_everyone()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"train_loss": result.training_loss, "first_loss": losses[0] if losses else None,
+    # over the whole run: the trainer's own `training_loss` covers only this session's steps
+    return {"train_loss": whole_run_loss(trainer.state.log_history), "first_loss": losses[0] if losses else None,
             "last_loss": losses[-1] if losses else None, "steps": trainer.state.global_step,
             "examples": len(rows), "resumed": resume, "processes": trainer.accelerator.num_processes,
             "distributed": str(trainer.accelerator.distributed_type.value),

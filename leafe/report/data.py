@@ -270,11 +270,15 @@ def _model_label(name: str) -> str:
 
 def collect(loaded: LoadedSpec, runs_dir: Path | str | Plan = "runs") -> dict:
     """The report of one spec (a group): rows per method over all its seeds, the Stage 1
-    table, training curves. `runs_dir` may be a Plan (its runs directory is used)."""
+    table, training curves. `runs_dir` may be a Plan (its runs directory is used). A finished
+    stage whose files changed or went missing since it finished is an error (a `RunDataError`
+    naming the files; `leafe.integrity`), never reported from."""
     if isinstance(runs_dir, Plan):
         runs_dir = runs_dir.root.parent
     spec = loaded.spec
     seeds = _seed_plans(loaded, runs_dir)
+    for _, _, plan in seeds:
+        plan.raise_if_damaged(incomplete_too=True)
     kept: dict[str, dict] = {}
     rows = [_row(loaded, name, seeds, kept) for name in loaded.methods]
     return {
