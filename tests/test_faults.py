@@ -1,0 +1,317 @@
+"""Faults through the CLI (issue 18): an interrupted trainer checkpoint, damaged or missing
+files of finished stages, a resumed stage's loss, Ctrl-C, corrupt records and manifests.
+
+Each test drives `leafe` (typer's CliRunner on `leafe.cli.app`) on a small Sokoban spec with
+the tiny model, asserts the exit code and the message, and, where the fault can be cleared,
+that a re-run gives what an undisturbed run gave."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from leafe.cli import app
+
+TRAIN_SPEC = """\
+leafe: 1
+name: faults
+seed: 5
+env: {use: sokoban, max_steps: 3, train_tasks: 6, test_tasks: 2}
+models:
+  policy: {name: "leafe:tiny-qwen2", max_tokens: 6, batch_size: 8, temperature: 1.0}
+budget: {interactions_per_task: 8}
+methods:
+  sft: {train: {epochs: 2, lr: 0.001, batch_size: 4, save_steps: 2}}
+eval: {samples: 2, k: [1, 2], batch_size: 4}
+report: {formats: [json]}
+"""
+"""SFT on 14 expert steps: 8 optimizer steps, a trainer checkpoint every 2; then evaluation."""
+
+EVAL_SPEC = """\
+leafe: 1
+name: evalonly
+seed: 2
+env: {use: sokoban, max_steps: 3, test_tasks: 3}
+models:
+  policy: {name: "leafe:tiny-qwen2", max_tokens: 6, temperature: 1.0}
+methods:
+  base: {}
+eval: {samples: 4, k: [1, 4], batch_size: 4}
+report: {formats: [json]}
+"""
+"""Evaluation only: 12 episodes, 48 records."""
+
+
+def leafe(*args: str | Path):
+    """`leafe ARGS` in process; a crash (an exception other than SystemExit) fails the test
+    with its traceback, so a fault must end in an exit code and a message."""
+    r = CliRunner().invoke(app, [str(a) for a in args])
+    if r.exception is not None and not isinstance(r.exception, SystemExit):
+        raise AssertionError(f"leafe {' '.join(map(str, args))} crashed: {r.exception!r}\n{r.output}") from r.exception
+    return r
+
+
+def run_spec(spec: Path, root: Path):
+    return leafe("run", spec, "--runs-dir", root / "runs", "--reports-dir", root / "reports")
+
+
+def stage_dir(root: Path, name: str, stage: str) -> Path:
+    found = sorted((root / "runs" / name).glob(f"{stage}-*"))
+    assert len(found) == 1, found
+    return found[0]
+
+
+def read_records(d: Path) -> list[dict]:
+    return [json.loads(line) for line in (d / "records.jsonl").read_text().splitlines()]
+
+
+def write_spec(tmp_path: Path, text: str, name: str) -> Path:
+    f = tmp_path / f"{name}.yaml"
+    f.write_text(text)
+    return f
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, leafe_cache) -> Path:
+    """An undisturbed run of TRAIN_SPEC (read-only: tests copy it)."""
+    root = tmp_path_factory.mktemp("trained")
+    r = run_spec(write_spec(root, TRAIN_SPEC, "faults"), root)
+    assert r.exit_code == 0, r.output
+    return root
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, leafe_cache) -> Path:
+    """An undisturbed run of EVAL_SPEC (read-only: tests copy it)."""
+    root = tmp_path_factory.mktemp("evaluated")
+    r = run_spec(write_spec(root, EVAL_SPEC, "evalonly"), root)
+    assert r.exit_code == 0, r.output
+    return root
+
+
+def copy_run(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def weights(d: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(d / "checkpoint" / "model.safetensors"))
+
+
+# -- 1. a trainer checkpoint cut short while saving --------------------------------------------
+
+def test_interrupted_checkpoint_save_is_skipped_and_the_resumed_stage_matches(tmp_path, trained, monkeypatch):
+    """Ctrl-C while the trainer writes checkpoint-4 (weights and optimizer written, no
+    trainer_state.json yet), and a checkpoint-6 whose weights were cut short (a full disk):
+    the re-run says so in one line, resumes from checkpoint-2 and ends where an undisturbed
+    run ended (weights, loss, evaluation records)."""
+    import transformers
+
+    spec = write_spec(tmp_path, TRAIN_SPEC, "faults")
+    real_save_rng = transformers.Trainer._save_rng_state
+
+    def ctrl_c_at_step_4(self, output_dir):
+        if self.state.global_step == 4:
+            raise KeyboardInterrupt
+        return real_save_rng(self, output_dir)
+
+    monkeypatch.setattr(transformers.Trainer, "_save_rng_state", ctrl_c_at_step_4)
+    r = run_spec(spec, tmp_path)
+    assert r.exit_code == 130, r.output
+    assert "interrupted; re-run the same command to resume" in r.output  # item 7, on the real path
+    monkeypatch.undo()
+    trainer = stage_dir(tmp_path, "faults", "sft.train") / "trainer"
+    assert (trainer / "checkpoint-4" / "model.safetensors").exists()
+    assert not (trainer / "checkpoint-4" / "trainer_state.json").exists()
+    assert (trainer / "checkpoint-2" / "trainer_state.json").exists()
+    shutil.copytree(trainer / "checkpoint-2", trainer / "checkpoint-6")
+    cut = trainer / "checkpoint-6" / "model.safetensors"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+
+    r = run_spec(spec, tmp_path)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "skipped incomplete trainer checkpoints" in out
+    assert "checkpoint-4 (no trainer_state.json)" in out and "checkpoint-6 (model.safetensors is cut short)" in out
+    assert "resuming from checkpoint-2" in out
+    assert not (trainer / "checkpoint-6").exists()
+
+    got, ref = stage_dir(tmp_path, "faults", "sft.train"), stage_dir(trained, "faults", "sft.train")
+    w_got, w_ref = weights(got), weights(ref)
+    assert w_got.keys() == w_ref.keys()
+    for k in w_ref:
+        assert (w_got[k] - w_ref[k]).abs().max().item() < 1e-5, k
+    m_got, m_ref = (json.loads((d / "metrics.json").read_text()) for d in (got, ref))
+    assert m_got["resumed"] is True and m_got["steps"] == m_ref["steps"] == 8
+    for key in ("train_loss", "first_loss", "last_loss"):  # item 5: the whole run's loss
+        assert m_got[key] == pytest.approx(m_ref[key], rel=1e-5), key
+    assert read_records(stage_dir(tmp_path, "faults", "eval.sft")) == read_records(stage_dir(trained, "faults", "eval.sft"))
+
+
+def test_resume_checkpoint_starts_over_when_no_checkpoint_is_complete(tmp_path):
+    from leafe.training.checkpoints import resume_checkpoint
+
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-5").mkdir()
+    (tmp_path / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    said: list[str] = []
+    assert resume_checkpoint(tmp_path, said.append) is None
+    assert len(said) == 1 and "checkpoint-3 (no trainer_state.json)" in said[0]
+    assert "checkpoint-5 (no model weights)" in said[0] and "training from the start" in said[0]
+    assert not list(tmp_path.glob("checkpoint-*"))
+    assert resume_checkpoint(tmp_path, said.append) is None and len(said) == 1  # nothing more to say
+
+
+def test_whole_run_loss_weights_each_log_by_its_steps():
+    from leafe.training.checkpoints import whole_run_loss
+
+    assert whole_run_loss([{"loss": 2.0, "step": 1}, {"loss": 1.0, "step": 3}, {"train_loss": 0.0, "step": 3}]) \
+        == pytest.approx((2.0 + 2 * 1.0) / 3)
+    assert whole_run_loss([{"train_runtime": 1.0}]) is None
+
+
+# -- 2. a finished stage's files changed ------------------------------------------------------
+
+def test_torn_records_of_a_finished_stage_stop_run_report_and_plan(tmp_path, evaluated):
+    root = copy_run(evaluated, tmp_path / "run")
+    spec = root / "evalonly.yaml"
+    d = stage_dir(root, "evalonly", "eval.base")
+    original = (d / "records.jsonl").read_bytes()
+    report = root / "reports" / "evalonly.json"
+    before = report.read_bytes()
+    (d / "records.jsonl").write_bytes(original[:-25])  # the last record torn
+
+    for cmd in (("report", spec), ("run", spec), ("plan", spec)):
+        r = leafe(*cmd, "--runs-dir", root / "runs", *(("--reports-dir", root / "reports") if cmd[0] != "plan" else ()))
+        out = " ".join(r.output.split())
+        assert r.exit_code == 2, (cmd, r.output)
+        assert str(d) in out and "records.jsonl has 47 whole records and a torn last line" in out, (cmd, out)
+        assert "the stage wrote 48" in out and f"rm -r {d}" in out, (cmd, out)
+    assert "damaged" in r.output  # plan's status column
+    assert report.read_bytes() == before  # the report was not rewritten from 47 records
+
+    # same size, other content: caught by the sha256
+    edited = original.replace(b'"success": false', b'"success": true ', 1)
+    assert len(edited) == len(original) and edited != original
+    (d / "records.jsonl").write_bytes(edited)
+    r = leafe("report", spec, "--runs-dir", root / "runs", "--reports-dir", root / "reports")
+    assert r.exit_code == 2 and "records.jsonl has other content" in " ".join(r.output.split())
+
+    # doing what the message says: the stage runs again, to the same records
+    shutil.rmtree(d)
+    r = run_spec(spec, root)
+    assert r.exit_code == 0, r.output
+    assert (stage_dir(root, "evalonly", "eval.base") / "records.jsonl").read_bytes() == original
+
+
+def test_a_done_marker_without_file_records_is_read_as_unverified(tmp_path, evaluated):
+    """DONE markers of older leafe versions (`12.3 s`) stay readable: the stage is done,
+    unverified, except that a torn last line is still caught."""
+    root = copy_run(evaluated, tmp_path / "run")
+    spec = root / "evalonly.yaml"
+    d = stage_dir(root, "evalonly", "eval.base")
+    (d / "DONE").write_text("12.3 s\n")
+    r = leafe("report", spec, "--runs-dir", root / "runs", "--reports-dir", root / "reports")
+    assert r.exit_code == 0, r.output
+    assert json.loads((root / "reports" / "evalonly.json").read_text())["rows"][0]["episodes"] == 12
+    r = leafe("plan", spec, "--runs-dir", root / "runs")
+    assert r.exit_code == 0 and "done" in r.output
+    data = (d / "records.jsonl").read_bytes()
+    (d / "records.jsonl").write_bytes(data[:-25])
+    r = leafe("report", spec, "--runs-dir", root / "runs", "--reports-dir", root / "reports")
+    assert r.exit_code == 2 and "records.jsonl ends in a torn line" in " ".join(r.output.split()), r.output
+
+
+# -- 3 and 5. a finished stage lost a file it wrote --------------------------------------------
+
+def test_a_finished_stage_missing_its_metrics_runs_again_to_the_same_metrics(tmp_path, trained):
+    """metrics.json deleted from the finished training and evaluation stages: the plan says
+    so, the report stops (it would show 0 train interactions), a re-run redoes both (the
+    training resumes from its last checkpoint with nothing left to train) and writes the same
+    metrics, the whole run's train_loss included (item 5: it was 0.0)."""
+    root = copy_run(trained, tmp_path / "run")
+    spec = root / "faults.yaml"
+    train, ev = stage_dir(root, "faults", "sft.train"), stage_dir(root, "faults", "eval.sft")
+    m_train, m_eval = (json.loads((d / "metrics.json").read_text()) for d in (train, ev))
+    records = (ev / "records.jsonl").read_bytes()
+    for d in (train, ev):
+        (d / "metrics.json").unlink()
+
+    r = leafe("plan", spec, "--runs-dir", root / "runs")
+    assert r.exit_code == 0, r.output
+    assert r.output.count("incomplete (metrics.json missing)") == 2
+    r = leafe("report", spec, "--runs-dir", root / "runs", "--reports-dir", root / "reports")
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"{train}: metrics.json missing" in out and "`leafe run`" in out, out
+
+    r = run_spec(spec, root)
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "metrics.json missing from the finished stage" in out and "re-running sft.train" in out
+    assert "re-running eval.sft" in out
+    got = json.loads((train / "metrics.json").read_text())
+    assert got.pop("resumed") is True and m_train.pop("resumed") is False
+    losses = ("train_loss", "first_loss", "last_loss")
+    for key in losses:
+        assert got.pop(key) == pytest.approx(m_train.pop(key), rel=1e-6), key
+    assert got == m_train
+    got_eval = json.loads((ev / "metrics.json").read_text())
+    got_eval.pop("usage"), m_eval.pop("usage")
+    assert got_eval == m_eval and (ev / "records.jsonl").read_bytes() == records  # nothing re-sampled
+    assert leafe("plan", spec, "--runs-dir", root / "runs").output.count("done") >= 2
+
+
+# -- 6. corrupt records and manifests ----------------------------------------------------------
+
+def test_a_corrupt_record_line_is_named_not_a_traceback(tmp_path, evaluated):
+    root = copy_run(evaluated, tmp_path / "run")
+    spec = root / "evalonly.yaml"
+    d = stage_dir(root, "evalonly", "eval.base")
+    lines = (d / "records.jsonl").read_text().splitlines(keepends=True)
+    lines[2] = lines[2][:10] + "\x00garbage" + lines[2][10:]
+    (d / "records.jsonl").write_text("".join(lines))
+
+    # a stage being resumed (no DONE): `leafe run` reads its records
+    (d / "DONE").unlink()
+    r = run_spec(spec, root)
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    assert f"{d / 'records.jsonl'} line 3: not valid JSON" in out and f"Delete the stage directory {d}" in out
+
+    # a stage finished under an older leafe (an unverified DONE): `leafe report` reads them
+    (d / "DONE").write_text("")
+    r = leafe("report", spec, "--runs-dir", root / "runs", "--reports-dir", root / "reports")
+    assert r.exit_code == 2 and f"{d / 'records.jsonl'} line 3: not valid JSON" in " ".join(r.output.split())
+
+
+@pytest.mark.parametrize("content", [b"\x89PNG\r\n\x1a\n\x00\x00garbage", b"not json at all", b"[1, 2, 3]", b"{}",
+                                     b'{"spec": {}}', b'{"spec": {"methods": {}}, "method_order": ["x"]}'])
+def test_a_manifest_that_is_not_one_is_a_clear_error(tmp_path, content):
+    run = tmp_path / "runs" / "broken"
+    run.mkdir(parents=True)
+    (run / "manifest.json").write_bytes(content)
+    r = leafe("report", run, "--reports-dir", tmp_path / "reports")
+    assert r.exit_code == 2, r.output
+    out = " ".join(r.output.split())
+    assert f"{run / 'manifest.json'}" in out and "pass the spec file" in out, out
+    assert not (tmp_path / "reports").exists()
+
+
+# -- 7. Ctrl-C ---------------------------------------------------------------------------------
+
+def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, monkeypatch):
+    import leafe.runner
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(leafe.runner, "run", interrupted)
+    r = run_spec(write_spec(tmp_path, EVAL_SPEC, "evalonly"), tmp_path)
+    assert r.exit_code == 130
+    assert "interrupted; re-run the same command to resume" in r.output
