@@ -11,11 +11,12 @@ of the stage (`leafe run`, `leafe report`, `leafe plan`) checks the directory ag
 - `incomplete`: a file the stage wrote is missing (e.g. `metrics.json` deleted). The stage is
   not done: `leafe plan` says which file, `leafe run` removes the marker and runs the stage
   again, resuming from what it kept (as after a kill just before it finished), and `leafe
-  report` stops (exit 2) until that re-run.
+  report` stops (exit 2) until that re-run, unless only `checkpoint/` files are gone (the
+  report reads records, never models).
 - `damaged`: a file is there but not what the stage wrote (a torn last line, an edit, a
   truncated checkpoint). Nothing uses it: `leafe run`, `leafe report` and `leafe plan` stop
   with exit 2, naming the file and saying to delete the stage directory, which re-runs the
-  stage.
+  stage (`leafe report` looks past a changed `checkpoint/` file, as past a missing one).
 """
 
 from __future__ import annotations
@@ -70,18 +71,29 @@ class StageCheck:
     status: Literal["todo", "partial", "done", "incomplete", "damaged"]
     missing: list[str] = field(default_factory=list)
     """Files the stage wrote that are gone."""
-    changed: list[str] = field(default_factory=list)
-    """What differs, one line per file (`records.jsonl: 11 records, was 12`)."""
+    changed: dict[str, str] = field(default_factory=dict)
+    """Per file that differs, how (`records.jsonl has 11 whole records ...; the stage wrote 12`)."""
     verified: bool = True
     """False for a marker without `files` (written by an older leafe)."""
 
     def reason(self) -> str:
         """What is wrong, for a table cell or a message ('' when nothing is)."""
         if self.changed:
-            return "; ".join(self.changed)
+            return "; ".join(self.changed.values())
         if self.missing:
-            return ", ".join(self.missing) + " missing"
+            shown = self.missing[:3] + ([f"{len(self.missing) - 3} more"] if len(self.missing) > 3 else [])
+            return ", ".join(shown) + " missing"
         return ""
+
+    def records_only(self) -> "StageCheck":
+        """The check without the stage's `checkpoint/` (for readers of records, e.g. the
+        report, which never loads a model)."""
+        if self.status not in ("incomplete", "damaged"):
+            return self
+        missing = [m for m in self.missing if not m.startswith(f"{CHECKPOINT}/")]
+        changed = {k: v for k, v in self.changed.items() if not k.startswith(f"{CHECKPOINT}/")}
+        status = "damaged" if changed else "incomplete" if missing else "done"
+        return StageCheck(status, missing, changed, self.verified)
 
 
 #: sha256 per (path, inode, size, mtime): a file version is hashed once per process
@@ -164,10 +176,11 @@ def check_stage(stage_dir: Path) -> StageCheck:
         has_any = stage_dir.is_dir() and any(stage_dir.iterdir())
         return StageCheck("partial" if has_any else "todo")
     if marker.files is None:  # an older marker: no record of what was written
-        torn = [f"{p.name} ends in a torn line (a record cut off)"
-                for p in sorted(stage_dir.glob("*.jsonl")) if _torn(p, p.stat().st_size)]
+        torn = {p.name: f"{p.name} ends in a torn line (a record cut off)"
+                for p in sorted(stage_dir.glob("*.jsonl")) if _torn(p, p.stat().st_size)}
         return StageCheck("damaged" if torn else "done", changed=torn, verified=False)
-    missing, changed = [], []
+    missing: list[str] = []
+    changed: dict[str, str] = {}
     for name, rec in marker.files.items():
         path = stage_dir / name
         try:
@@ -176,10 +189,10 @@ def check_stage(stage_dir: Path) -> StageCheck:
             missing.append(name)
             continue
         if st.st_size != rec.bytes:
-            changed.append(_difference(name, path, rec, st))
+            changed[name] = _difference(name, path, rec, st)
         elif rec.sha256 is not None and _sha256(path, st) != rec.sha256:
-            changed.append(f"{name} has other content (sha256 {_sha256(path, st)[:12]}…; the stage wrote "
-                           f"{rec.sha256[:12]}…)")
+            changed[name] = (f"{name} has other content (sha256 {_sha256(path, st)[:12]}…; the stage wrote "
+                             f"{rec.sha256[:12]}…)")
     if changed:
         return StageCheck("damaged", missing, changed)
     if missing:

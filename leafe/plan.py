@@ -58,6 +58,9 @@ class Plan:
     stages: list[PlannedStage]
     checkpoint_of: dict[str, str | None] = field(default_factory=dict)
     """Per method: the stage whose checkpoint evaluation loads (None: the initial policy)."""
+    records_only: bool = False
+    """For readers of records that load no model (the report): a finished stage's
+    `checkpoint/` is left out of its status (`StageCheck.records_only`)."""
 
     def stage(self, sid: str) -> PlannedStage:
         return next(s for s in self.stages if s.id == sid)
@@ -77,7 +80,8 @@ class Plan:
         """The stage's directory against its DONE marker (`leafe.integrity.check_stage`)."""
         from leafe.integrity import check_stage
 
-        return check_stage(self.dir(stage))
+        check = check_stage(self.dir(stage))
+        return check.records_only() if self.records_only else check
 
     def unusable(self) -> list[tuple[PlannedStage, "StageCheck"]]:
         """Finished stages that must not be used as they are: damaged or incomplete."""
@@ -90,8 +94,8 @@ class Plan:
         return out
 
     def raise_if_damaged(self, incomplete_too: bool = False) -> None:
-        """A UserError naming every damaged finished stage (and, with `incomplete_too`, every
-        incomplete one), its files and what to do; nothing when there are none."""
+        """A `RunDataError` naming every damaged finished stage (and, with `incomplete_too`,
+        every incomplete one), its files and what to do; nothing when there are none."""
         from leafe.integrity import damaged_error, incomplete_error
 
         problems = [str(damaged_error(s.id, self.dir(s), c)) if c.status == "damaged"

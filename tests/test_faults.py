@@ -267,6 +267,34 @@ def test_a_finished_stage_missing_its_metrics_runs_again_to_the_same_metrics(tmp
     assert leafe("plan", spec, "--runs-dir", root / "runs").output.count("done") >= 2
 
 
+def test_a_lost_or_cut_checkpoint_of_a_finished_stage(tmp_path, trained):
+    """The trained weights deleted: the training stage runs again (from its last trainer
+    checkpoint) to the same weights, and the report, which loads no model, still reads the
+    run. The weights cut short (a full disk, a bad copy): not used, exit 2, the fix named."""
+    root = copy_run(trained, tmp_path / "run")
+    spec = root / "faults.yaml"
+    train = stage_dir(root, "faults", "sft.train")
+    w = train / "checkpoint" / "model.safetensors"
+    data = w.read_bytes()
+
+    w.write_bytes(data[: len(data) // 2])
+    r = run_spec(spec, root)
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"checkpoint/model.safetensors has {len(data) // 2} bytes; the stage wrote {len(data)}" in out
+    assert f"rm -r {train}" in out
+
+    w.unlink()
+    r = leafe("report", spec, "--runs-dir", root / "runs", "--reports-dir", root / "reports")
+    assert r.exit_code == 0, r.output
+    row = json.loads((root / "reports" / "faults.json").read_text())["rows"][0]
+    assert row["status"] == "done" and row["train_interactions"] == 14
+    r = leafe("plan", spec, "--runs-dir", root / "runs")
+    assert "incomplete (checkpoint/model.safetensors missing)" in r.output
+    r = run_spec(spec, root)
+    assert r.exit_code == 0 and "re-running sft.train" in r.output, r.output
+    assert w.read_bytes() == data
+
+
 # -- 6. corrupt records and manifests ----------------------------------------------------------
 
 def test_a_corrupt_record_line_is_named_not_a_traceback(tmp_path, evaluated):

@@ -278,6 +278,7 @@ def collect(loaded: LoadedSpec, runs_dir: Path | str | Plan = "runs") -> dict:
     spec = loaded.spec
     seeds = _seed_plans(loaded, runs_dir)
     for _, _, plan in seeds:
+        plan.records_only = True  # a report loads no model: a stage's checkpoint/ is not its concern
         plan.raise_if_damaged(incomplete_too=True)
     kept: dict[str, dict] = {}
     rows = [_row(loaded, name, seeds, kept) for name in loaded.methods]
