@@ -147,7 +147,7 @@ def test_every_format_agrees_with_a_recomputation_from_the_records(tmp_path):
     tex = (rep / "rep.tex").read_text()
     html = (rep / "rep.html").read_text()
     term = out.getvalue()
-    assert js["report_version"] == 5 and js["seeds"] == [0, 1]
+    assert js["report_version"] == 6 and js["seeds"] == [0, 1]
     rows = {r["method"]: r for r in js["rows"]}
     best = {k: max(recompute(written, m, k)[0] for m in ("base", "sft")) for k in (1, 2, 4)}
     for method in ("base", "sft"):
@@ -362,6 +362,64 @@ def test_paired_comparisons_match_an_independent_computation_in_every_format(tmp
     assert "sft − base: 6 test tasks, seeds 0, 1; rft − sft: 6 test tasks, seed 0" in md
     assert max(map(ord, tex)) < 256  # pdflatex's default input encoding: Δ and − are written as math
     assert data["compare"] == js["compare"]
+
+
+def _write_trees(plan, method: str, outcomes: dict[str, list[str]]) -> None:
+    """A finished explore stage whose task trees ran the given trajectory outcomes in order."""
+    d = plan.dir(plan.stage(f"{method}.explore"))
+    d.mkdir(parents=True, exist_ok=True)
+    trees = [{"task": t, "interactions": len(o), "replay_steps": 0, "reflections": 0, "reflection_parse_failures": 0,
+              "nodes": [{"id": i, "parent": None if i == 0 else 0, "depth": min(i, 1), "outcome": x}
+                        for i, x in enumerate(o)]} for t, o in outcomes.items()]
+    (d / "trees.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trees))
+    (d / "DONE").write_text("")
+
+
+def test_stage1_paired_differences_match_an_independent_computation(tmp_path):
+    """Table 3's claims: exploration pass@k and solved of two explorations, paired over the train
+    tasks (seeds averaged per task), in every format."""
+    f = tmp_path / "s1.yaml"
+    f.write_text(SPEC.format(name="s1", model="leafe:tiny-qwen2",
+                             extra="  roll: {use: leafe, max_attempts: 2}\n"
+                                   "  ind: {use: leafe, explore_mode: independent, max_attempts: 2}\n")
+                 .replace("report: {formats: [md, json, tex, html]}",
+                          "report: {formats: [md, json, tex, html], compare: [[roll, ind], [roll, base]]}"))
+    loaded = load_spec(f)
+    tasks = [f"train-{t:05d}" for t in range(3)]
+    S, F = "success", "failure"
+    roll = [dict(zip(tasks, [[F, S], [S], [F, F]])), dict(zip(tasks, [[S], [F, S], [F, S]]))]
+    ind = [dict(zip(tasks, [[F, F], [S], [F, F]])), dict(zip(tasks, [[F, S], [F, F], [F, F]]))]
+    for i, one in enumerate(loaded.per_seed()):
+        plan = build_plan(one, tmp_path / "runs")
+        _write_trees(plan, "roll", roll[i])
+        _write_trees(plan, "ind", ind[i])
+    out = io.StringIO()
+    write_reports(loaded, tmp_path / "runs", tmp_path / "reports", Console(file=out, width=250))
+    js = json.loads((tmp_path / "reports" / "s1.json").read_text())
+    pairs = js["stage1"]["compare"]
+    assert [(p["a"], p["b"], p["tasks"], p["seeds"]) for p in pairs] == [("roll", "ind", 3, [0, 1])]  # base explores nothing
+
+    def reference(k):  # per task: a success among the first k, averaged over the two seeds
+        def hit(runs):
+            return np.array([np.mean([S in r[t][:k] for r in runs]) for t in tasks])
+        d = hit(roll) - hit(ind)
+        idx = np.random.default_rng(0).integers(0, len(tasks), (1000, len(tasks)))
+        return d.mean(), *np.quantile(d[idx].mean(axis=1), [0.025, 0.975])
+
+    for key, k in (("1", 1), ("2", 2)):
+        diff, lo, hi = reference(k)
+        got = pairs[0]["k"][key]
+        assert got["diff"] == pytest.approx(diff) and got["ci"] == pytest.approx([lo, hi])
+    diff, lo, hi = reference(2)  # every tree ran at most max_attempts = 2 trajectories: solved = pass@2
+    assert pairs[0]["solved"]["diff"] == pytest.approx(diff) == pytest.approx(0.5)
+    assert pairs[0]["solved"]["significant"] and pairs[0]["solved"]["ci"] == pytest.approx([0.5, 0.5])
+    md = (tmp_path / "reports" / "s1.md").read_text()
+    assert "Stage 1, paired differences" in md and "| roll − ind " in md and "Δsolved" in md
+    assert "roll − ind: 3 train tasks, seeds 0, 1" in md
+    tex, html = ((tmp_path / "reports" / f"s1.{x}").read_text() for x in ("tex", "html"))
+    assert "roll $-$ ind &" in tex and "paired bootstrap interval over the train tasks" in tex
+    assert "Stage 1, paired differences" in html and "+50.0 [+50.0, +50.0] *" in html
+    assert "Stage 1, paired differences" in out.getvalue()
 
 
 def test_compare_names_methods_of_the_spec(tmp_path):

@@ -35,8 +35,9 @@ from leafe.spec.loader import LoadedSpec
 from leafe.stage import read_episodes
 from leafe.store import read_json
 
-REPORT_VERSION = 5  # 2: `stage1`; 3: `init`, `budget` per row; 4: seeds, CIs, curves, training, groups;
+REPORT_VERSION = 6  # 2: `stage1`; 3: `init`, `budget` per row; 4: seeds, CIs, curves, training, groups;
 # 5: `compare` (paired differences), `oracle_reflector` per row, `reflector` per Stage 1 row
+# 6: `stage1.compare` (paired differences of exploration between report.compare pairs)
 
 
 def bootstrap_ci(values: np.ndarray, level: float, resamples: int, seed: int = 0) -> tuple[float, float]:
@@ -202,9 +203,10 @@ def _stage1(loaded: LoadedSpec, seeds: list[tuple[int, LoadedSpec, Plan]]) -> di
     its explore stage is done."""
     from leafe.methods.leafe import LeafeConfig
     from leafe.methods.leafe.explore import read_trees
-    from leafe.methods.leafe.stats import exploration_ks, exploration_stats, variant
+    from leafe.methods.leafe.stats import exploration_ks, exploration_stats, first_success, variant
 
     spec, rows, ks = loaded.spec, [], set()
+    firsts: dict[str, dict[int, dict[str, int | None]]] = {}  # method -> seed -> task -> first success
     for name, cfg in loaded.methods.items():
         if not isinstance(cfg, LeafeConfig):
             continue
@@ -219,9 +221,46 @@ def _stage1(loaded: LoadedSpec, seeds: list[tuple[int, LoadedSpec, Plan]]) -> di
             if len(seeds) > 1:
                 row["seed"] = seed
             if row["status"] == "done":
-                row.update(exploration_stats(read_trees(plan.dir(st)), mk))
+                trees = read_trees(plan.dir(st))
+                row.update(exploration_stats(trees, mk))
+                firsts.setdefault(name, {})[seed] = {t["task"]: first_success(t) for t in trees}
             rows.append(row)
-    return {"k": sorted(ks), "budget": spec.budget.interactions_per_task, "rows": rows}
+    out = {"k": sorted(ks), "budget": spec.budget.interactions_per_task, "rows": rows}
+    if pairs := _stage1_compare(spec, firsts, sorted(ks)):
+        out["compare"] = pairs
+    return out
+
+
+def _stage1_compare(spec, firsts: dict[str, dict[int, dict[str, int | None]]], ks: list[int]) -> list[dict]:
+    """For each `report.compare` pair of two explored methods: exploration pass@k (a success
+    among a task's first k trajectories) and `solved` (within the whole budget) of a minus b,
+    with a paired bootstrap interval over the train tasks both explored (each task's indicator
+    averaged over the seeds both finished), as the test-set comparison does."""
+    rep, out = spec.report, []
+    for a, b in rep.compare:
+        if a not in firsts or b not in firsts:
+            continue
+        s = sorted(set(firsts[a]) & set(firsts[b]))
+        tasks = sorted(set.intersection(*(set(firsts[a][x]) & set(firsts[b][x]) for x in s))) if s else []
+        if not tasks:
+            continue
+
+        def hits(m: str, k: int | None) -> np.ndarray:  # (tasks,), averaged over the seeds
+            return np.mean([[f is not None and (k is None or f <= k) for f in (firsts[m][x][t] for t in tasks)]
+                            for x in s], axis=0)
+
+        entry: dict = {"a": a, "b": b, "tasks": len(tasks), "seeds": s, "k": {}}
+        for k in [*ks, None]:
+            va, vb = hits(a, k), hits(b, k)
+            lo, hi = bootstrap_ci(va - vb, rep.ci, rep.bootstrap)
+            d = {"diff": float((va - vb).mean()), "ci": [lo, hi], "significant": bool(lo > 0 or hi < 0),
+                 "a": float(va.mean()), "b": float(vb.mean())}
+            if k is None:
+                entry["solved"] = d
+            else:
+                entry["k"][str(k)] = d
+        out.append(entry)
+    return out
 
 
 def paired_difference(a: dict[int, dict[str, dict]], b: dict[int, dict[str, dict]], k: int,

@@ -251,6 +251,30 @@ def compare_table(group: dict) -> TableModel | None:
                       header=["a − b"] + [f"Δpass@{k}" for k in ks], rows=rows, caption=caption, notes=notes)
 
 
+def stage1_compare_table(group: dict) -> TableModel | None:
+    """Paired differences of Stage 1 exploration between the `report.compare` pairs that both
+    explored (Table 3's claims), or None."""
+    s1 = group.get("stage1") or {}
+    pairs = s1.get("compare") or []
+    if not pairs:
+        return None
+    by = {r["method"]: r for r in s1["rows"]}
+    rows = [[Cell(" − ".join(method_label(by.get(m, {"method": m}), init=False) for m in (p["a"], p["b"])))]
+            + [_diff_cell(p["k"].get(str(k))) for k in s1["k"]] + [_diff_cell(p["solved"])] for p in pairs]
+    where = "; ".join(f"{p['a']} − {p['b']}: {p['tasks']} train tasks, seed{'s' if len(p['seeds']) > 1 else ''} "
+                      f"{', '.join(map(str, p['seeds']))}" for p in pairs)
+    ci = group.get("ci", 0.95)
+    caption = (
+        "a − b: exploration pass@k (a success among the first k trajectories) and solved (within the whole "
+        "budget) of method a minus method b, in percentage points, on the same train tasks; [lo, hi]: "
+        f"{round(100 * ci)}% paired bootstrap interval over the train tasks (each task's outcome averaged over the "
+        "seeds both explored). *: the interval excludes 0; n.s.: it contains 0. " + where + ".")
+    notes = [ORACLE_NOTE] if any(by.get(m, {}).get("oracle_reflector") for p in pairs for m in (p["a"], p["b"])) else []
+    return TableModel(title=f"{group['name']} — Stage 1, paired differences (percentage points)",
+                      header=["a − b"] + [f"Δpass@{k}" for k in s1["k"]] + ["Δsolved"], rows=rows,
+                      caption=caption, notes=notes)
+
+
 def combined_table(data: dict, ci: bool = True) -> TableModel:
     """Methods as rows, one column group per spec (environment / model): pass@k per k and the
     method's own train interactions; the best per column in bold."""
@@ -313,4 +337,6 @@ def tables(data: dict, ci: bool = True) -> list[TableModel]:
             out.append(cmp)
         if (s1 := stage1_table(g)) is not None:
             out.append(s1)
+        if (s1c := stage1_compare_table(g)) is not None:
+            out.append(s1c)
     return out
