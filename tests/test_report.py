@@ -381,9 +381,10 @@ def test_stage1_paired_differences_match_an_independent_computation(tmp_path):
     f = tmp_path / "s1.yaml"
     f.write_text(SPEC.format(name="s1", model="leafe:tiny-qwen2",
                              extra="  roll: {use: leafe, max_attempts: 2}\n"
-                                   "  ind: {use: leafe, explore_mode: independent, max_attempts: 2}\n")
+                                   "  ind: {use: leafe, explore_mode: independent, max_attempts: 2}\n"
+                                   "  same: {use: leafe, max_attempts: 2, rehearsal_fraction: 0, reuse: roll}\n")
                  .replace("report: {formats: [md, json, tex, html]}",
-                          "report: {formats: [md, json, tex, html], compare: [[roll, ind], [roll, base]]}"))
+                          "report: {formats: [md, json, tex, html], compare: [[roll, ind], [roll, base], [roll, same]]}"))
     loaded = load_spec(f)
     tasks = [f"train-{t:05d}" for t in range(3)]
     S, F = "success", "failure"
@@ -397,7 +398,8 @@ def test_stage1_paired_differences_match_an_independent_computation(tmp_path):
     write_reports(loaded, tmp_path / "runs", tmp_path / "reports", Console(file=out, width=250))
     js = json.loads((tmp_path / "reports" / "s1.json").read_text())
     pairs = js["stage1"]["compare"]
-    assert [(p["a"], p["b"], p["tasks"], p["seeds"]) for p in pairs] == [("roll", "ind", 3, [0, 1])]  # base explores nothing
+    # base explores nothing; same shares roll's exploration (reuse:): nothing to compare
+    assert [(p["a"], p["b"], p["tasks"], p["seeds"]) for p in pairs] == [("roll", "ind", 3, [0, 1])]
 
     def reference(k):  # per task: a success among the first k, averaged over the two seeds
         def hit(runs):

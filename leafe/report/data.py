@@ -207,6 +207,7 @@ def _stage1(loaded: LoadedSpec, seeds: list[tuple[int, LoadedSpec, Plan]]) -> di
 
     spec, rows, ks = loaded.spec, [], set()
     firsts: dict[str, dict[int, dict[str, int | None]]] = {}  # method -> seed -> task -> first success
+    dirs: dict[str, set] = {}  # method -> its explore stages' directories (shared through `reuse:`)
     for name, cfg in loaded.methods.items():
         if not isinstance(cfg, LeafeConfig):
             continue
@@ -224,21 +225,24 @@ def _stage1(loaded: LoadedSpec, seeds: list[tuple[int, LoadedSpec, Plan]]) -> di
                 trees = read_trees(plan.dir(st))
                 row.update(exploration_stats(trees, mk))
                 firsts.setdefault(name, {})[seed] = {t["task"]: first_success(t) for t in trees}
+                dirs.setdefault(name, set()).add(plan.dir(st))
             rows.append(row)
     out = {"k": sorted(ks), "budget": spec.budget.interactions_per_task, "rows": rows}
-    if pairs := _stage1_compare(spec, firsts, sorted(ks)):
+    if pairs := _stage1_compare(spec, firsts, sorted(ks), dirs):
         out["compare"] = pairs
     return out
 
 
-def _stage1_compare(spec, firsts: dict[str, dict[int, dict[str, int | None]]], ks: list[int]) -> list[dict]:
+def _stage1_compare(spec, firsts: dict[str, dict[int, dict[str, int | None]]], ks: list[int],
+                    dirs: dict[str, set]) -> list[dict]:
     """For each `report.compare` pair of two explored methods: exploration pass@k (a success
     among a task's first k trajectories) and `solved` (within the whole budget) of a minus b,
     with a paired bootstrap interval over the train tasks both explored (each task's indicator
-    averaged over the seeds both finished), as the test-set comparison does."""
+    averaged over the seeds both finished), as the test-set comparison does. A pair that shares
+    its exploration (`reuse:`, e.g. Table 4's ablations) has nothing to compare here."""
     rep, out = spec.report, []
     for a, b in rep.compare:
-        if a not in firsts or b not in firsts:
+        if a not in firsts or b not in firsts or dirs[a] == dirs[b]:
             continue
         s = sorted(set(firsts[a]) & set(firsts[b]))
         tasks = sorted(set.intersection(*(set(firsts[a][x]) & set(firsts[b][x]) for x in s))) if s else []
