@@ -486,8 +486,9 @@ def episode_reward(completions, episode_reward=None, **kwargs):
 
 
 def _padding_reward_filter(record) -> bool:
-    # padding rows have no reward by design; TRL warns about every batch that has one
-    return not record.getMessage().startswith("All reward functions returned None")
+    # padding rows have no reward by design; TRL warns about every batch that has one (through
+    # accelerate's logger adapter, which prefixes "[RANK n] " to the message)
+    return "All reward functions returned None" not in record.getMessage()
 
 
 def leafe_grpo_trainer():

@@ -591,3 +591,32 @@ def test_a_worker_crash_mid_rollout_resumes_the_stage_to_the_same_records(tmp_pa
     assert sorted(recs, key=key) == sorted(ref_recs, key=key)
     same = ("iterations", "steps", "interactions", "budget", "mean_reward", "episodes")
     assert {k: m[k] for k in same} == {k: ref_m[k] for k in same}
+
+
+def test_padding_rows_do_not_flood_the_log_with_trls_none_reward_warning():
+    """Padding rows have no reward by design; TRL's warning about them comes through
+    accelerate's adapter ("[RANK 0] ..."): the filter drops it and nothing else."""
+    import logging
+
+    import trl.trainer.grpo_trainer as trl_grpo
+    from accelerate import PartialState
+
+    from leafe.methods.grpo import _padding_reward_filter
+
+    PartialState()
+    got: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            got.append(record.getMessage())
+
+    log, handler = logging.getLogger("trl.trainer.grpo_trainer"), Keep()
+    log.addHandler(handler)
+    log.addFilter(_padding_reward_filter)
+    try:
+        trl_grpo.logger.warning("All reward functions returned None for the following kwargs: {}")
+        trl_grpo.logger.warning("something else")
+    finally:
+        log.removeHandler(handler)
+        log.removeFilter(_padding_reward_filter)
+    assert got == ["[RANK 0] something else"]
