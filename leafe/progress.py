@@ -97,6 +97,8 @@ def training_callback(console: Console, description: str):
 
         def on_train_end(self, args, state, control, **kw):
             if self.progress is not None:
+                # max_steps is a ceiling (GRPO stops when the budget is spent): show the bar full
+                self.progress.update(self.task, total=state.global_step, completed=state.global_step)
                 self.progress.stop()
                 self.progress = None
 

@@ -191,3 +191,23 @@ def test_several_seeds_run_apart_and_report_mean_and_std(tmp_path, leafe_cache):
     assert row["pass@k_stats"]["1"]["std"] is not None
     # the records of the two seeds differ (seeds are not shared)
     assert records(evals[0]) != records(evals[1])
+
+
+def test_a_training_bar_that_stops_before_its_ceiling_ends_full():
+    """GRPO's max_steps is a ceiling (it stops when the budget is spent): the bar ends at the steps
+    trained, not at 41/64."""
+    from types import SimpleNamespace
+
+    from leafe.progress import training_callback
+
+    out = io.StringIO()
+    cb = training_callback(Console(file=out, width=120, force_terminal=False), "grpo.train")
+    state = SimpleNamespace(max_steps=64, global_step=0)
+    cb.on_train_begin(None, state, None)
+    state.global_step = 41
+    cb.on_step_end(None, state, None)
+    task = cb.progress.tasks[0]
+    assert (task.completed, task.total) == (41, 64)
+    progress = cb.progress
+    cb.on_train_end(None, state, None)
+    assert (progress.tasks[0].completed, progress.tasks[0].total) == (41, 41) and cb.progress is None
