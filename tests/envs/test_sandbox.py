@@ -11,6 +11,7 @@ import logging
 import os
 import shutil
 import socket
+import signal
 import subprocess
 import sys
 import time
@@ -313,9 +314,12 @@ def test_rlimits_mode_refuses_an_interpreter_the_uid_cannot_reach(tmp_path, monk
 
 
 @needs_bwrap
-@pytest.mark.parametrize("delay", [0.0, 1.0])  # while the sandbox starts / once it runs
-def test_a_killed_host_leaves_no_sandbox_behind(tmp_path, delay):
-    """The host process is SIGKILLed mid-run (no cleanup runs): the sandbox dies with it."""
+@pytest.mark.parametrize("delay", ["stopped", 0.0, 1.0])  # frozen before it starts / while it
+def test_a_killed_host_leaves_no_sandbox_behind(tmp_path, delay):  # starts / once it runs
+    """The host process is SIGKILLed mid-run (no cleanup runs): the sandbox dies with it.
+    "stopped": bwrap is frozen as soon as it appears and thawed after the host is dead, so it
+    writes its startup report with no host to read it (bwrap died of SIGPIPE there once,
+    leaving its child blocked forever)."""
     script = f"orphan_{uuid.uuid4().hex}.py"
     host = tmp_path / "host.py"
     host.write_text(
@@ -330,12 +334,19 @@ def test_a_killed_host_leaves_no_sandbox_behind(tmp_path, delay):
                             text=True, env={**os.environ, "TMPDIR": str(tmp_path)})
     uid = int(proc.stdout.readline())
     deadline = time.monotonic() + 20
-    while not _pids_running(script):
+    while not (frozen := _pids_running(script)):
         assert time.monotonic() < deadline, "the sandbox never started"
-        time.sleep(0.01)
-    time.sleep(delay)
+        time.sleep(0 if delay == "stopped" else 0.01)
+    if delay == "stopped":
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+    else:
+        time.sleep(delay)
     proc.kill()  # SIGKILL to the host process only
     proc.wait()
+    if delay == "stopped":
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
     # Event-driven (the supervisor sees the host's pipe close), but a sandbox killed while it
     # starts finishes starting first: on a busy 2-core machine that took just over 5 s once.
     deadline = time.monotonic() + 15

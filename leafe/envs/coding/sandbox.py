@@ -425,7 +425,8 @@ class Sandbox:
             self.check()
         lim = self.limits
         host_dir = Path(tempfile.mkdtemp(prefix="leafe-sandbox-"))
-        read_fd = write_fd = info_r = info_w = -1
+        read_fd = write_fd = info_w = -1
+        info_path: Path | None = None
         proc = None
         try:
             job_dir = host_dir / "job"
@@ -446,9 +447,12 @@ class Sandbox:
             switch_uid = False
             pass_fds = [write_fd]
             if self.mode == "bwrap":
-                # bwrap reports the host pid of the sandbox's PID-namespace init here.
-                info_r, info_w = os.pipe()
-                os.set_blocking(info_r, False)
+                # bwrap reports the host pid of the sandbox's PID-namespace init here. A file,
+                # not a pipe: bwrap writes it between its clone and its handshake with the
+                # child, and a write to a pipe whose host is gone kills bwrap there (SIGPIPE),
+                # which leaves the child blocked forever, holding the result channel open.
+                info_path = host_dir / "bwrap-info"
+                info_w = os.open(info_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 pass_fds.append(info_w)
                 os.chmod(host_dir, 0o711)
                 os.chmod(job_dir, 0o755)
@@ -498,7 +502,7 @@ class Sandbox:
                 result.timed_out = not _wait_exited(proc.pid, deadline)
             killed = result.timed_out or result.stopped or result.flooded
             if killed:
-                self._terminate(proc, info_r)
+                self._terminate(proc, info_path)
             # What is left of the process group (rlimits mode: stray children) goes before
             # the leader is reaped, so the group id cannot have been reused.
             self._kill(proc)
@@ -514,10 +518,10 @@ class Sandbox:
             return result
         finally:
             if proc is not None and proc.returncode is None:
-                self._terminate(proc, info_r)
+                self._terminate(proc, info_path)
                 self._kill(proc)
                 proc.wait()
-            for fd in (read_fd, write_fd, info_r, info_w):
+            for fd in (read_fd, write_fd, info_w):
                 if fd >= 0:
                     os.close(fd)
             shutil.rmtree(host_dir, ignore_errors=True)
@@ -575,12 +579,20 @@ class Sandbox:
         finally:
             sel.close()
 
-    def _terminate(self, proc: subprocess.Popen, info_r: int) -> None:
+    def _terminate(self, proc: subprocess.Popen, info_path: Path | None) -> None:
         """Stop a run that is still going. bwrap: SIGKILL the init of the sandbox's PID
         namespace; the kernel kills every process of the namespace and the init's exit waits
         for them, and bwrap exits once it has reaped the init, so when `proc` has exited
         nothing of the sandbox is left. Otherwise (or if that fails): the process group."""
-        init_pid = _read_child_pid(info_r) if info_r >= 0 else None
+        init_pid = None
+        if info_path is not None:
+            # Killing bwrap between its clone and its info write would leave the child blocked
+            # forever: wait for the write (it comes right after the clone) or bwrap's exit.
+            wait_until = time.monotonic() + 10
+            while (init_pid := _read_child_pid(info_path)) is None:
+                if _wait_exited(proc.pid, 0) or time.monotonic() >= wait_until:
+                    break
+                time.sleep(0.005)
         if init_pid is not None:
             try:
                 os.kill(init_pid, signal.SIGKILL)
@@ -598,19 +610,11 @@ class Sandbox:
             pass
 
 
-def _read_child_pid(fd: int) -> int | None:
-    """The `child-pid` of bwrap's --info-fd JSON, if bwrap has written it."""
-    data = b""
+def _read_child_pid(path: Path) -> int | None:
+    """The `child-pid` of bwrap's --info-fd JSON, once bwrap has written all of it."""
     try:
-        while chunk := os.read(fd, 4096):
-            data += chunk
-    except BlockingIOError:
-        pass
-    except OSError:
-        return None
-    try:
-        pid = json.loads(data).get("child-pid")
-    except (ValueError, AttributeError):
+        pid = json.loads(path.read_bytes()).get("child-pid")
+    except (OSError, ValueError, AttributeError):
         return None
     return pid if isinstance(pid, int) and pid > 1 else None
 
