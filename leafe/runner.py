@@ -12,7 +12,6 @@ re-run of `leafe run` would resume it (evaluation retries the failed chunk itsel
 
 from __future__ import annotations
 
-import fcntl
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,25 +23,10 @@ from leafe.integrity import DONE, write_done
 from leafe.manifest import write_manifest
 from leafe.plan import Plan, build_plan
 from leafe.report import write_reports
+from leafe.runlock import run_lock
 from leafe.spec.loader import LoadedSpec
 from leafe.stage import StageContext, run_eval
 from leafe.store import atomic_write_json
-
-
-@contextmanager
-def run_lock(root: Path):
-    root.mkdir(parents=True, exist_ok=True)
-    f = open(root / ".lock", "w")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.close()
-        raise UserError(f"{root} is in use by another `leafe run`; wait for it or stop it") from None
-    try:
-        yield
-    finally:
-        fcntl.flock(f, fcntl.LOCK_UN)
-        f.close()
 
 
 def run(loaded: LoadedSpec, runs_dir: Path | str = "runs", reports_dir: Path | str = "reports",
@@ -60,7 +44,7 @@ def run(loaded: LoadedSpec, runs_dir: Path | str = "runs", reports_dir: Path | s
 
 def run_one(loaded: LoadedSpec, runs_dir: Path | str, console: Console) -> Plan:
     """Every stage of one seed's plan that is not done, in order."""
-    from leafe.progress import quiet_libraries, run_logging
+    from leafe.progress import quiet_libraries
 
     quiet_libraries()
     plan = build_plan(loaded, runs_dir)
@@ -68,7 +52,45 @@ def run_one(loaded: LoadedSpec, runs_dir: Path | str, console: Console) -> Plan:
     work_left = any(plan.status(s) not in ("done", "always") for s in plan.stages)
     if work_left:
         check_data(loaded)  # before the run directory is touched
-    with run_lock(plan.root), run_logging(console, plan.root / "leafe.log"), \
+    current: list = [None]  # the stage running, for the message of a full disk
+    try:
+        _run_stages(loaded, plan, work_left, console, current)
+    except (OSError, RuntimeError) as e:
+        err = _storage_error(e, plan, current[0], work_left)
+        if err is None:
+            raise
+        raise err from None
+    return plan
+
+
+def _storage_error(e: BaseException, plan: Plan, stage, work_left: bool) -> UserError | None:
+    """A full disk (ENOSPC, torch's `unexpected pos`) or a run directory that cannot be written,
+    as a UserError saying where and what to do (a re-run resumes); None for other errors."""
+    from leafe.oserrors import storage_problem
+
+    where = plan.dir(stage) if stage is not None else plan.root
+    found = storage_problem(e, where)
+    if found is None:
+        return None
+    kind, what = found
+    doing = f"{stage.id} stopped" if stage is not None else "leafe run stopped"
+    if kind == "full":
+        return UserError(f"{doing}: {what}. Free space there, then run the same `leafe run` again: it resumes "
+                         "from what was saved (finished stages, records, trainer checkpoints)")
+    if not work_left:
+        return UserError(f"{doing}: cannot write in the run directory {plan.root} ({what}). Every stage is "
+                         "done, but `leafe run` still writes its lock, log and manifest there: make it writable "
+                         f"for you, or read the run without writing to it: `leafe report {plan.root} "
+                         "--reports-dir DIR`")
+    return UserError(f"{doing}: cannot write in the run directory {plan.root} ({what}); make it writable for "
+                     "you, then run the same `leafe run` again: it resumes from what was saved")
+
+
+def _run_stages(loaded: LoadedSpec, plan: Plan, work_left: bool, console: Console, current: list) -> None:
+    """The stages not done, in order, under the run's lock; `current[0]`: the stage running."""
+    from leafe.progress import run_logging
+
+    with run_lock(plan.root) as lock, run_logging(console, plan.root / "leafe.log"), \
             _threads(loaded, work_left, console) as threads:
         write_manifest(loaded, plan, threads)
         if work_left:
@@ -88,10 +110,13 @@ def run_one(loaded: LoadedSpec, runs_dir: Path | str, console: Console) -> Plan:
             d = plan.dir(stage)
             if status == "incomplete":
                 _reopen(stage.id, d, plan.check(stage), console)
+            current[0] = stage
+            lock.at_stage(stage.id, stage.dirname)  # `leafe plan` meanwhile: "in use by pid N"
             d.mkdir(parents=True, exist_ok=True)
+            # what the key was made of: `leafe plan` names what changed when a stage runs anew
             atomic_write_json(d / "stage.json", {"id": stage.id, "kind": stage.kind, "hash": stage.hash,
                                                  "deps": stage.deps, "inputs": stage.inputs,
-                                                 "version": stage.version})
+                                                 "version": stage.version, **stage.key_record()})
             verb = {"partial": "resuming", "incomplete": "re-running"}.get(status, "running")
             console.print(f"[bold]▶ {verb} {stage.id}[/bold] → {d}")
             t0 = time.perf_counter()
@@ -100,8 +125,9 @@ def run_one(loaded: LoadedSpec, runs_dir: Path | str, console: Console) -> Plan:
             else:
                 _run_resuming(loaded, plan, stage, d, console)
             write_done(d, time.perf_counter() - t0)
+            current[0] = None
+            lock.at_stage(None, None)
             write_manifest(loaded, plan, threads)
-    return plan
 
 
 def _reopen(stage_id: str, d: Path, check, console: Console) -> None:
@@ -129,7 +155,8 @@ def _threads(loaded: LoadedSpec, work_left: bool, console: Console):
 
     resolved = threads.resolve(loaded.spec.runtime.threads)
     with threads.using(resolved) as record:
-        console.print(f"[dim]torch threads: {resolved.describe()}[/dim]")
+        now = f"; {record['threads']} now" if resolved.source == "auto" else ""
+        console.print(f"[dim]torch threads: {resolved.describe()}{now}[/dim]")
         yield record
 
 

@@ -39,21 +39,110 @@ def leafe(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_the_rule_for_null():
-    # unset: half the usable cores, at least one
-    for cores, expected in ((1, 1), (2, 1), (3, 1), (8, 4), (64, 32)):
+    # unset: auto, at most the usable cores (what is free is measured when applied)
+    for cores in (1, 2, 8, 64):
         got = threads.resolve(None, environ={}, cores=cores)
-        assert (got.threads, got.source, got.usable_cores) == (expected, "rule", cores)
+        assert (got.threads, got.source, got.usable_cores) == (cores, "auto", cores)
+    assert "auto, at most 8" in threads.resolve(None, environ={}, cores=8).describe()
+    # the free cores, rounded: a neighbour using more than half a core takes one; at least 1
+    table = {(2, 0.0): 2, (2, 0.4): 2, (2, 0.6): 1, (2, 1.0): 1, (2, 3.5): 1, (8, 0.0): 8, (8, 2.2): 6,
+             (8, 2.7): 5, (1, 0.9): 1}
+    assert {key: threads.free_threads(*key) for key in table} == table
     # the environment's OMP_NUM_THREADS (a scheduler's choice) when set and valid
     assert threads.resolve(None, environ={"OMP_NUM_THREADS": "3"}, cores=8).threads == 3
     assert threads.resolve(None, environ={"OMP_NUM_THREADS": "3"}, cores=8).source == "OMP_NUM_THREADS"
     for bad in ("0", "-2", "many", ""):
-        assert threads.resolve(None, environ={"OMP_NUM_THREADS": bad}, cores=8).threads == 4
+        assert threads.resolve(None, environ={"OMP_NUM_THREADS": bad}, cores=8).source == "auto"
     # the spec's number wins over both
     got = threads.resolve(5, environ={"OMP_NUM_THREADS": "3"}, cores=2)
     assert (got.threads, got.source) == (5, "runtime.threads")
-    assert "half of 8 usable cores" in threads.resolve(None, environ={}, cores=8).describe()
+    assert threads.now(got) == 5
     # a launched training job's processes share them
     assert [threads.per_process(8, n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+
+
+PROC_STAT = """cpu  900 0 90 5000 0 0 0 0 0 0
+cpu0 100 5 10 2000 7 1 2 3 0 0
+cpu1 800 0 80 3000 0 0 0 0 0 0
+intr 1 2 3
+"""
+
+
+def test_busy_time_is_read_from_the_cpus_of_this_process_only():
+    tick = os.sysconf("SC_CLK_TCK")
+    # user + nice + system + irq + softirq + steal (not idle, not iowait), per CPU asked for
+    assert threads._proc_stat_busy_s({0}, PROC_STAT) == (100 + 5 + 10 + 1 + 2 + 3) / tick
+    assert threads._proc_stat_busy_s({0, 1}, PROC_STAT) == (121 + 880) / tick
+    assert threads._proc_stat_busy_s({7}, PROC_STAT) is None
+
+
+def _spin(cpu: int) -> subprocess.Popen:
+    code = f"import os\ntry:\n    os.sched_setaffinity(0, {{{cpu}}})\nexcept OSError:\n    pass\nwhile True:\n    pass\n"
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+def test_auto_takes_the_cores_other_processes_leave_free():
+    """Real processes spinning on every CPU of this process: the meter sees them (and not this
+    process's own work), and `auto` applied next to them takes one thread."""
+    import time
+
+    import torch
+
+    cpus = sorted(threads.affinity())
+    spinners = [_spin(c) for c in cpus]
+    before = torch.get_num_threads()
+    try:
+        time.sleep(0.5)  # let them start
+        meter = threads.CpuMeter()
+        t0 = time.process_time()
+        while time.process_time() - t0 < 0.5:  # this process's own busy time is left out
+            pass
+        others = meter.others()
+        assert others is not None and others >= 0.6 * len(cpus) - 0.3, others
+        with threads.using(threads.resolve(None, environ={})) as record:
+            assert record["source"] == "auto" and record["threads"] == 1 == torch.get_num_threads()
+            assert record["others_busy_cores"] >= 0.5
+    finally:
+        for p in spinners:
+            p.kill()
+            p.wait()
+        torch.set_num_threads(before)
+
+
+def test_adapt_follows_the_neighbours_at_most_every_few_seconds(monkeypatch):
+    """`adapt` re-reads the meter only after ADAPT_EVERY_S and moves torch's threads to what is
+    free; under a fixed setting, or once `using` has ended, it does nothing."""
+    import torch
+
+    readings = iter([0.0, 2.0, 0.2, 1.4])
+
+    class Meter:
+        def others(self):
+            return next(readings)
+
+    clock = [1000.0]
+    monkeypatch.setattr(threads, "CpuMeter", Meter)
+    monkeypatch.setattr(threads.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(threads.time, "sleep", lambda s: None)
+    before = torch.get_num_threads()
+    try:
+        with threads.using(threads.Threads(2, "auto", 2, None)) as record:
+            assert record["threads"] == 2 == torch.get_num_threads()  # first look: 0.0 busy
+            clock[0] += threads.ADAPT_EVERY_S - 0.1
+            assert threads.adapt() is None and torch.get_num_threads() == 2  # too soon
+            clock[0] += 0.2
+            assert threads.adapt() == 1 == torch.get_num_threads()  # a neighbour: 2.0 busy
+            clock[0] += threads.ADAPT_EVERY_S
+            assert threads.adapt() == 2 == torch.get_num_threads()  # gone: 0.2 busy
+            clock[0] += threads.ADAPT_EVERY_S
+            assert threads.adapt() == 1 == torch.get_num_threads()  # 1.4 busy
+        clock[0] += threads.ADAPT_EVERY_S
+        assert threads.adapt() is None and torch.get_num_threads() == before
+        with threads.using(threads.Threads(2, "runtime.threads", 2, 2)):
+            clock[0] += threads.ADAPT_EVERY_S
+            assert threads.adapt() is None and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 CPUINFO = "\n\n".join(f"processor\t: {p}\nphysical id\t: 0\ncore id\t\t: {p % 2}\nmodel name\t: x" for p in range(4))
@@ -194,3 +283,33 @@ def test_launched_training_processes_get_their_share(tmp_path, leafe_cache, monk
     assert metrics["processes"] == processes and metrics["torch_threads"] == 2
     job = json.loads((stage / "launch" / "job.json").read_text())
     assert job["threads"] == 2 and "(2 torch threads per process)" in out.getvalue()
+
+
+def test_a_run_looks_again_before_each_generation_batch_and_optimizer_step(tmp_path, leafe_cache, monkeypatch):
+    """Under the default (auto), the agent loop's generation batches and every optimizer step
+    of a training stage call `adapt`; the manifest records auto and what it took."""
+    import inspect
+
+    from leafe.runner import run
+
+    callers: list[str] = []
+    real = threads.adapt
+
+    def spy():
+        callers.append(inspect.stack()[1].function)
+        return real()
+
+    monkeypatch.setattr(threads, "adapt", spy)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    f = tmp_path / "thr.yaml"
+    f.write_text(SPEC.replace("  base: {}", "  sft: {train: {epochs: 1, lr: 0.001, batch_size: 2}}"))
+    loaded = load_spec(f)
+    out = io.StringIO()
+    run(loaded, tmp_path / "runs", tmp_path / "reports", Console(file=out, width=200))
+    plan = build_plan(loaded, tmp_path / "runs")
+    steps = json.loads((plan.dir(plan.stage("sft.train")) / "metrics.json").read_text())["steps"]
+    assert steps >= 1 and callers.count("on_step_begin") == steps
+    assert callers.count("_generate") >= 1  # evaluation's generation batches
+    record = json.loads((tmp_path / "runs" / "thr" / "manifest.json").read_text())["threads"]
+    assert record["source"] == "auto" and 1 <= record["threads"] <= record["usable_cores"]
+    assert "torch threads: auto, at most" in out.getvalue() and "now" in out.getvalue()

@@ -702,11 +702,13 @@ def run_grpo_stage(ctx) -> None:
             trainer.ref_model.load_state_dict(model.state_dict())
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+        from leafe import threads
         from leafe.progress import training_callback
 
         trainer.remove_callback(PrinterCallback)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(training_callback(ctx.console, ctx.stage.id))
+        trainer.add_callback(threads.trainer_callback())  # runtime.threads null: adapt
         trainer.add_callback(BudgetStop())
         start = resume_checkpoint(out, lambda line: ctx.console.print(
             f"  [yellow]⚠ {ctx.stage.id}: {escape(line)}[/yellow]"))  # skips incomplete checkpoints

@@ -82,7 +82,7 @@ def run_launched(ctx, examples: list[dict], train, seed: int) -> dict:
     from leafe import threads
 
     # the job's processes share the run's threads (runtime.threads)
-    each = threads.per_process(threads.resolve(ctx.spec.runtime.threads).threads, rt.num_processes)
+    each = threads.per_process(threads.now(threads.resolve(ctx.spec.runtime.threads)), rt.num_processes)
     atomic_write_json(job, {
         "spec": ctx.loaded.spec.model_dump(mode="json"), "method_order": list(ctx.loaded.methods),
         "runs_dir": str(ctx.plan.root.parent), "stage": ctx.stage.id, "dir": str(ctx.dir),

@@ -289,11 +289,13 @@ def train_sft(ctx, examples: list[dict], train: TrainSpec, seed: int) -> dict:
                           peft_config=peft_config)
     from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+    from leafe import threads
     from leafe.progress import training_callback
 
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(training_callback(ctx.console, ctx.stage.id))
+    trainer.add_callback(threads.trainer_callback())  # runtime.threads null: adapt
     start = resume_checkpoint(out)  # complete ones only (incomplete ones were removed above)
     resume = start is not None
     trainer.train(resume_from_checkpoint=str(start) if resume else None)

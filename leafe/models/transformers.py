@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 
+from leafe import threads
 from leafe.errors import UserError
 from leafe.models.base import ChatModel, Completion, Conversation, Sampling
 from leafe.models.builtin import resolve, weights_hash
@@ -331,6 +332,7 @@ class TransformersModel(ChatModel):
         chunk = max(1, self.spec.batch_size)
         with torch.inference_mode():
             for start in range(0, len(prompts), chunk):
+                threads.adapt()  # runtime.threads null: follow what other processes leave free
                 part = prompts[start : start + chunk]
                 rows = [p for p in part for _ in range(n)]
                 processors = None

