@@ -16,6 +16,7 @@ unrecorded episodes are recorded as errored failures (`error` field), never drop
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,9 +47,10 @@ class StageContext:
     dir: Path
     console: Console
 
-    @property
+    @functools.cached_property
     def spec(self):
-        """The spec as this stage's method sees it (its own `models:` roles applied)."""
+        """The spec as this stage's method sees it (its own `models:` roles applied; built once
+        per context: `for_method` copies the spec)."""
         return self.loaded.for_method(self.stage.method).spec
 
     def make_env(self) -> Env:

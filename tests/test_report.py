@@ -47,17 +47,20 @@ def write_spec(tmp_path: Path, name="rep", model="leafe:tiny-qwen2", extra="  rf
     return f
 
 
-def fake_records(loaded, runs: Path, rates: dict[str, float], skip: tuple[str, ...] = ()) -> dict:
+def fake_records(loaded, runs: Path, rates: dict[str, float], skip: tuple[str, ...] = (),
+                 sft_interactions: dict[int, int] | None = None) -> dict:
     """Finished evaluation (and sft training) stages with random outcomes per seed; returns
-    {(method, seed): {task: successes}} as written."""
+    {(method, seed): {task: successes}} as written. sft's training spends 7 interactions per
+    seed unless `sft_interactions` says otherwise ({seed: n}, n >= 5)."""
     written = {}
     for one in loaded.per_seed():
         plan = build_plan(one, runs)
         tr = plan.dir(plan.stage("sft.train"))
         tr.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(tr / "metrics.json", {"interactions": 7, "budget": {
-            "budget_per_task": 10, "interactions": 7, "max_per_task": 3, "within": True,
-            "per_task": {"train-00000": 3, "train-00001": 2, "train-00002": 2}}})
+        n = (sft_interactions or {}).get(one.spec.seed, 7)
+        atomic_write_json(tr / "metrics.json", {"interactions": n, "budget": {
+            "budget_per_task": 10, "interactions": n, "max_per_task": n - 4, "within": True,
+            "per_task": {"train-00000": n - 4, "train-00001": 2, "train-00002": 2}}})
         atomic_write_json(tr / "train_log.json", [{"step": i, "loss": 2.0 / i} for i in range(1, 6)])
         (tr / "DONE").write_text("")
         for method, rate in rates.items():
@@ -181,6 +184,19 @@ def test_every_format_agrees_with_a_recomputation_from_the_records(tmp_path):
     assert rows["sft"]["budget"]["own"] == 7 and rows["rft"]["budget"]["inherited"] == 7
     assert _cells_of_md(md, "sft")[-3:] == ["7", "7", "3/10"]
     assert data["name"] == "rep" and "report written" in term
+
+
+def test_train_interactions_of_several_seeds_are_their_mean_with_their_range(tmp_path):
+    """Seeds whose training spent different amounts show the mean and the range, not seed 0's."""
+    loaded = load_spec(write_spec(tmp_path, extra=""))
+    fake_records(loaded, tmp_path / "runs", {"base": 0.2, "sft": 0.6}, sft_interactions={0: 7, 1: 9})
+    data = write_reports(loaded, tmp_path / "runs", tmp_path / "reports", Console(file=io.StringIO()))
+    sft = next(r for r in data["rows"] if r["method"] == "sft")
+    assert sft["train_interactions"] == 8 and sft["train_interactions_by_seed"] == [7, 9]
+    md = (tmp_path / "reports" / "rep.md").read_text()
+    assert "8 (7–9)" in _cells_of_md(md, "sft") and "their range when they differ" in md
+    base = next(r for r in data["rows"] if r["method"] == "base")
+    assert base["train_interactions"] == 0 and "train_interactions_by_seed" not in base
 
 
 def test_latex_compiles_or_is_structurally_sound(tmp_path):

@@ -64,8 +64,15 @@ def curve_ks(n: int, ks: list[int]) -> list[int]:
     return sorted(out)
 
 
-def _seed_plans(loaded: LoadedSpec, runs_dir: Path | str) -> list[tuple[int, LoadedSpec, Plan]]:
-    return [(one.spec.seed, one, build_plan(one, runs_dir)) for one in loaded.per_seed()]
+def _seed_plans(loaded: LoadedSpec, runs_dir: Path | str,
+                root: Path | None = None) -> list[tuple[int, LoadedSpec, Plan]]:
+    """Each seed's plan; `root`: the run directory to read instead of runs_dir/<run name> (a
+    run directory given by path, which may have been renamed or copied)."""
+    plans = [(one.spec.seed, one, build_plan(one, runs_dir)) for one in loaded.per_seed()]
+    if root is not None:
+        for _, _, plan in plans:
+            plan.root = Path(root)
+    return plans
 
 
 def _usage(plan: Plan, method: str) -> dict[str, dict]:
@@ -134,7 +141,11 @@ def _row(loaded: LoadedSpec, name: str, seeds: list[tuple[int, LoadedSpec, Plan]
     row["per_seed"] = [{k: v for k, v in e.items() if k != "per_task"} for e in per_seed]
     first = per_seed[0]
     row["budget"], row["usage"] = first["budget"], first["usage"]  # the first seed's, as in one-seed runs
-    row["train_interactions"] = first["budget"]["own"]
+    # the method's own training interactions: the mean over the seeds evaluated (all, if none is)
+    owns = [e["budget"]["own"] for e in (done or per_seed)]
+    row["train_interactions"] = int(round(float(np.mean(owns))))
+    if len(set(owns)) > 1:
+        row["train_interactions_by_seed"] = owns
     if not done:
         return row
     # tasks every finished seed evaluated (the same test split under every seed)
@@ -253,18 +264,19 @@ def _stage1_compare(spec, firsts: dict[str, dict[int, dict[str, int | None]]], k
             return np.mean([[f is not None and (k is None or f <= k) for f in (firsts[m][x][t] for t in tasks)]
                             for x in s], axis=0)
 
-        entry: dict = {"a": a, "b": b, "tasks": len(tasks), "seeds": s, "k": {}}
-        for k in [*ks, None]:
-            va, vb = hits(a, k), hits(b, k)
-            lo, hi = bootstrap_ci(va - vb, rep.ci, rep.bootstrap)
-            d = {"diff": float((va - vb).mean()), "ci": [lo, hi], "significant": bool(lo > 0 or hi < 0),
-                 "a": float(va.mean()), "b": float(vb.mean())}
-            if k is None:
-                entry["solved"] = d
-            else:
-                entry["k"][str(k)] = d
+        entry: dict = {"a": a, "b": b, "tasks": len(tasks), "seeds": s,
+                       "k": {str(k): _paired(hits(a, k), hits(b, k), rep.ci, rep.bootstrap) for k in ks},
+                       "solved": _paired(hits(a, None), hits(b, None), rep.ci, rep.bootstrap)}
         out.append(entry)
     return out
+
+
+def _paired(va: np.ndarray, vb: np.ndarray, level: float, resamples: int) -> dict:
+    """a minus b over the same tasks (per-task values, already averaged over seeds): the mean
+    difference, its percentile-bootstrap interval, and whether that interval excludes 0."""
+    lo, hi = bootstrap_ci(va - vb, level, resamples)
+    return {"diff": float((va - vb).mean()), "ci": [lo, hi], "significant": bool(lo > 0 or hi < 0),
+            "a": float(va.mean()), "b": float(vb.mean())}
 
 
 def paired_difference(a: dict[int, dict[str, dict]], b: dict[int, dict[str, dict]], k: int,
@@ -285,10 +297,7 @@ def paired_difference(a: dict[int, dict[str, dict]], b: dict[int, dict[str, dict
         return np.mean([pass_at_k_per_task([x[s][t]["n"] for t in tasks], [x[s][t]["c"] for t in tasks], k)
                         for s in seeds], axis=0)
 
-    va, vb = per_task(a), per_task(b)
-    lo, hi = bootstrap_ci(va - vb, level, resamples)
-    return {"diff": float((va - vb).mean()), "ci": [lo, hi], "significant": bool(lo > 0 or hi < 0),
-            "a": float(va.mean()), "b": float(vb.mean()), "tasks": len(tasks), "seeds": seeds}
+    return {**_paired(per_task(a), per_task(b), level, resamples), "tasks": len(tasks), "seeds": seeds}
 
 
 def _compare(spec, kept: dict[str, dict]) -> dict:
@@ -311,15 +320,17 @@ def _model_label(name: str) -> str:
     return name.removeprefix("leafe:").rstrip("/").rsplit("/", 1)[-1]
 
 
-def collect(loaded: LoadedSpec, runs_dir: Path | str | Plan = "runs") -> dict:
+def collect(loaded: LoadedSpec, runs_dir: Path | str | Plan = "runs", root: Path | None = None) -> dict:
     """The report of one spec (a group): rows per method over all its seeds, the Stage 1
-    table, training curves. `runs_dir` may be a Plan (its runs directory is used). A finished
+    table, training curves. `runs_dir` may be a Plan (its run directory is used); `root`: read
+    this run directory (whatever its name) instead of runs_dir/<run name>. A finished
     stage whose files changed or went missing since it finished is an error (a `RunDataError`
     naming the files; `leafe.integrity`), never reported from."""
     if isinstance(runs_dir, Plan):
+        root = root or runs_dir.root
         runs_dir = runs_dir.root.parent
     spec = loaded.spec
-    seeds = _seed_plans(loaded, runs_dir)
+    seeds = _seed_plans(loaded, runs_dir, root)
     for _, _, plan in seeds:
         plan.records_only = True  # a report loads no model: a stage's checkpoint/ is not its concern
         plan.raise_if_damaged(incomplete_too=True)

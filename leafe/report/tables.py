@@ -93,6 +93,13 @@ def _max_cell(b: dict | None, key: str) -> Cell:
     return Cell(f"{b[key]}/{b['budget_per_task']}" + (" !" if b.get("own_within") is False else ""))
 
 
+def _interactions_cell(row: dict) -> Cell:
+    """A method's own training interactions: the mean over its seeds, their range when they differ."""
+    by_seed = row.get("train_interactions_by_seed")
+    spread = f" ({min(by_seed):,}–{max(by_seed):,})" if by_seed else ""
+    return Cell(f"{row['train_interactions']:,}{spread}")
+
+
 def main_table(group: dict, ci: bool = True) -> TableModel:
     """Methods x (pass@k, pass^k, success, steps, tokens, interactions) of one spec."""
     ks = group["k"]
@@ -122,7 +129,7 @@ def main_table(group: dict, ci: bool = True) -> TableModel:
         cells.append(Cell(f"{r['mean_steps']:.1f}"))
         cells.append(Cell(f"{r['prompt_tokens'] + r['completion_tokens']:,}"))
         b = r.get("budget")
-        cells.append(Cell(f"{r['train_interactions']:,}"))
+        cells.append(_interactions_cell(r))
         if capped:
             cap = (b or {}).get("cap")
             cells.append(Cell("–" if cap is None else f"≤ {cap:,}" + (f" ({b['matched']})" if b.get("matched") else "")))
@@ -145,6 +152,7 @@ def main_table(group: dict, ci: bool = True) -> TableModel:
         + (" (per seed)" if len(seeds) > 1 else "")
         + f". Train interactions: environment steps the method's own training spent on the train tasks "
         f"(budget {group.get('budget_per_task', '?')} per task)"
+        + ("; with several seeds their mean, (lo–hi) their range when they differ" if len(seeds) > 1 else "")
         + ("; cap: the most the method's own stages could spend in total (`(m)`: matched to what method m "
            "spent, its own and inherited steps, minus what this method inherits; budget.match)" if capped else "")
         + ("; restores: environment steps replayed to restore saved states (not charged) and the seconds "
@@ -222,6 +230,23 @@ def _diff_cell(d: dict | None) -> Cell:
     return Cell(f"{pp(d['diff'])} [{pp(lo)}, {pp(hi)}] {'*' if d['significant'] else 'n.s.'}", d["diff"])
 
 
+def _pair_label(by: dict, pair: dict) -> Cell:
+    """"a − b" with each method's label (its oracle mark included)."""
+    return Cell(" − ".join(method_label(by.get(m, {"method": m}), init=False) for m in (pair["a"], pair["b"])))
+
+
+def _pairs_table(title: str, header: list[str], by: dict, pairs: list[dict], rows: list[list[Cell]],
+                 unit: str, caption: str) -> TableModel:
+    """A table of paired differences: `caption` then, per finished pair, the tasks (`unit`) and
+    seeds it was computed on; the oracle note when a pair involves an oracle-reflector method."""
+    where = "; ".join(f"{p['a']} − {p['b']}: {p['tasks']} {unit}, seed{'s' if len(p['seeds']) > 1 else ''} "
+                      f"{', '.join(map(str, p['seeds']))}" for p in pairs if "tasks" in p)
+    notes = [ORACLE_NOTE] if any(by.get(m, {}).get("oracle_reflector") for p in pairs
+                                 for m in (p["a"], p["b"])) else []
+    return TableModel(title=title, header=header, rows=rows,
+                      caption=caption + (f" {where}." if where else ""), notes=notes)
+
+
 def compare_table(group: dict) -> TableModel | None:
     """Paired differences of pass@k between the method pairs of `report.compare`, or None."""
     cmp = group.get("compare") or {}
@@ -231,24 +256,20 @@ def compare_table(group: dict) -> TableModel | None:
     ks = group["k"]
     rows = []
     for p in cmp["pairs"]:
-        label = Cell(" − ".join(method_label(by.get(m, {"method": m}), init=False) for m in (p["a"], p["b"])))
         if p["status"] != "done":
-            rows.append([label, Cell("(not run)")] + [Cell("–")] * (len(ks) - 1))
-            continue
-        rows.append([label] + [_diff_cell(p["k"].get(str(k))) for k in ks])
-    done = [p for p in cmp["pairs"] if p["status"] == "done"]
-    where = "; ".join(f"{p['a']} − {p['b']}: {p['tasks']} test tasks, seed{'s' if len(p['seeds']) > 1 else ''} "
-                      f"{', '.join(map(str, p['seeds']))}" for p in done)
+            rows.append([_pair_label(by, p), Cell("(not run)")] + [Cell("–")] * (len(ks) - 1))
+        else:
+            rows.append([_pair_label(by, p)] + [_diff_cell(p["k"].get(str(k))) for k in ks])
     caption = (
         "a − b: pass@k of method a minus that of method b, in percentage points, on the same test tasks; "
         f"[lo, hi]: {round(100 * cmp['ci'])}% paired bootstrap interval ({cmp['bootstrap']} resamples of the test "
         "tasks, each draw taking the same tasks for both methods; each task's pass@k averaged over the seeds "
         "both methods finished first). *: the interval excludes 0; n.s.: it contains 0 (no difference shown "
-        "at this level)." + (f" {where}." if where else ""))
-    notes = [ORACLE_NOTE] if any(by.get(m, {}).get("oracle_reflector") for p in cmp["pairs"]
-                                 for m in (p["a"], p["b"])) else []
-    return TableModel(title=f"{group['name']} — paired differences of pass@k (percentage points)",
-                      header=["a − b"] + [f"Δpass@{k}" for k in ks], rows=rows, caption=caption, notes=notes)
+        "at this level).")
+    return _pairs_table(f"{group['name']} — paired differences of pass@k (percentage points)",
+                        ["a − b"] + [f"Δpass@{k}" for k in ks], by,
+                        cmp["pairs"], rows,
+                        "test tasks", caption)
 
 
 def stage1_compare_table(group: dict) -> TableModel | None:
@@ -259,20 +280,16 @@ def stage1_compare_table(group: dict) -> TableModel | None:
     if not pairs:
         return None
     by = {r["method"]: r for r in s1["rows"]}
-    rows = [[Cell(" − ".join(method_label(by.get(m, {"method": m}), init=False) for m in (p["a"], p["b"])))]
-            + [_diff_cell(p["k"].get(str(k))) for k in s1["k"]] + [_diff_cell(p["solved"])] for p in pairs]
-    where = "; ".join(f"{p['a']} − {p['b']}: {p['tasks']} train tasks, seed{'s' if len(p['seeds']) > 1 else ''} "
-                      f"{', '.join(map(str, p['seeds']))}" for p in pairs)
-    ci = group.get("ci", 0.95)
+    rows = [[_pair_label(by, p)] + [_diff_cell(p["k"].get(str(k))) for k in s1["k"]] + [_diff_cell(p["solved"])]
+            for p in pairs]
     caption = (
         "a − b: exploration pass@k (a success among the first k trajectories) and solved (within the whole "
         "budget) of method a minus method b, in percentage points, on the same train tasks; [lo, hi]: "
-        f"{round(100 * ci)}% paired bootstrap interval over the train tasks (each task's outcome averaged over the "
-        "seeds both explored). *: the interval excludes 0; n.s.: it contains 0. " + where + ".")
-    notes = [ORACLE_NOTE] if any(by.get(m, {}).get("oracle_reflector") for p in pairs for m in (p["a"], p["b"])) else []
-    return TableModel(title=f"{group['name']} — Stage 1, paired differences (percentage points)",
-                      header=["a − b"] + [f"Δpass@{k}" for k in s1["k"]] + ["Δsolved"], rows=rows,
-                      caption=caption, notes=notes)
+        f"{round(100 * group.get('ci', 0.95))}% paired bootstrap interval over the train tasks (each task's "
+        "outcome averaged over the seeds both explored). *: the interval excludes 0; n.s.: it contains 0.")
+    return _pairs_table(f"{group['name']} — Stage 1, paired differences (percentage points)",
+                        ["a − b"] + [f"Δpass@{k}" for k in s1["k"]] + ["Δsolved"], by, pairs, rows,
+                        "train tasks", caption)
 
 
 def combined_table(data: dict, ci: bool = True) -> TableModel:
@@ -307,7 +324,7 @@ def combined_table(data: dict, ci: bool = True) -> TableModel:
             else:
                 st = r.get("pass@k_stats", {})
                 rows[i] += [_score(st.get(str(k)) if ci else None, r["pass@k"].get(str(k))) for k in g["k"]]
-                rows[i].append(Cell(f"{r['train_interactions']:,}"))
+                rows[i].append(_interactions_cell(r))
     _mark_best(rows, score_cols)
     caption = ("Pass@k in % (unbiased estimator) per environment / policy; the best per column in bold"
                + ("; [lo, hi]: bootstrap interval over test tasks" if ci else "")
