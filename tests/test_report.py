@@ -150,7 +150,7 @@ def test_every_format_agrees_with_a_recomputation_from_the_records(tmp_path):
     tex = (rep / "rep.tex").read_text()
     html = (rep / "rep.html").read_text()
     term = out.getvalue()
-    assert js["report_version"] == 6 and js["seeds"] == [0, 1]
+    assert js["report_version"] == 7 and js["seeds"] == [0, 1]
     rows = {r["method"]: r for r in js["rows"]}
     best = {k: max(recompute(written, m, k)[0] for m in ("base", "sft")) for k in (1, 2, 4)}
     for method in ("base", "sft"):

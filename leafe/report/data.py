@@ -35,9 +35,10 @@ from leafe.spec.loader import LoadedSpec
 from leafe.stage import read_episodes
 from leafe.store import read_json
 
-REPORT_VERSION = 6  # 2: `stage1`; 3: `init`, `budget` per row; 4: seeds, CIs, curves, training, groups;
+REPORT_VERSION = 7  # 2: `stage1`; 3: `init`, `budget` per row; 4: seeds, CIs, curves, training, groups;
 # 5: `compare` (paired differences), `oracle_reflector` per row, `reflector` per Stage 1 row
 # 6: `stage1.compare` (paired differences of exploration between report.compare pairs)
+# 7: `train_interactions` is the mean over seeds (was the first seed's), `train_interactions_by_seed`
 
 
 def bootstrap_ci(values: np.ndarray, level: float, resamples: int, seed: int = 0) -> tuple[float, float]:
