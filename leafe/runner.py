@@ -26,7 +26,7 @@ from leafe.report import write_reports
 from leafe.runlock import run_lock
 from leafe.spec.loader import LoadedSpec
 from leafe.stage import StageContext, run_eval
-from leafe.store import atomic_write_json
+from leafe.store import atomic_write_json, relax_modes
 
 
 def run(loaded: LoadedSpec, runs_dir: Path | str = "runs", reports_dir: Path | str = "reports",
@@ -124,6 +124,7 @@ def _run_stages(loaded: LoadedSpec, plan: Plan, work_left: bool, console: Consol
                 run_eval(StageContext(loaded, plan, stage, d, console))
             else:
                 _run_resuming(loaded, plan, stage, d, console)
+            relax_modes(d)  # weights that safetensors wrote 0600, readable as the umask allows
             write_done(d, time.perf_counter() - t0)
             current[0] = None
             lock.at_stage(None, None)

@@ -1,5 +1,7 @@
 """Faults through the CLI (issue 18): an interrupted trainer checkpoint, damaged or missing
-files of finished stages, a resumed stage's loss, Ctrl-C, corrupt records and manifests.
+files of finished stages, a resumed stage's loss, Ctrl-C, corrupt records and manifests, a
+renamed or copied run directory, file modes under the umask, what `leafe plan` says about a
+running or changed stage, read-only folders and a full disk.
 
 Each test drives `leafe` (typer's CliRunner on `leafe.cli.app`) on a small Sokoban spec with
 the tiny model, asserts the exit code and the message, and, where the fault can be cleared,
@@ -8,6 +10,7 @@ that a re-run gives what an undisturbed run gave."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -343,3 +346,36 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, monkeypatch):
     r = run_spec(write_spec(tmp_path, EVAL_SPEC, "evalonly"), tmp_path)
     assert r.exit_code == 130
     assert "interrupted; re-run the same command to resume" in r.output
+
+
+# -- 11. file modes follow the umask -----------------------------------------------------------
+
+def test_files_leafe_writes_follow_the_umask(tmp_path, monkeypatch):
+    """Under umask 002 (a shared group) every file of a run (trained weights included), its
+    report and a freshly built model cache are group-readable and -writable (0664, folders
+    0775); atomic writes gave 0600, safetensors' weights 0600 and the cache 0700, so a
+    colleague's `leafe report` failed."""
+    import os
+    import stat
+
+    monkeypatch.setenv("LEAFE_CACHE", str(tmp_path / "cache"))
+    old = os.umask(0o002)
+    try:
+        r = run_spec(write_spec(tmp_path, TRAIN_SPEC, "faults"), tmp_path)
+    finally:
+        os.umask(old)
+    assert r.exit_code == 0, r.output
+    checked = 0
+    wrong = []
+    for top in (tmp_path / "runs", tmp_path / "reports", tmp_path / "cache" / "models"):
+        for p in [top, *top.rglob("*")]:
+            mode = stat.S_IMODE(p.lstat().st_mode)
+            want = 0o775 if p.is_dir() else 0o664
+            checked += 1
+            if mode != want:
+                wrong.append(f"{p.relative_to(tmp_path)} {mode:o}")
+    names = {p.name for top in (tmp_path / "runs", tmp_path / "reports") for p in top.rglob("*")}
+    assert {"manifest.json", "metrics.json", "usage.json", "records.jsonl", "DONE", "faults.json",
+            "model.safetensors", "trainer_state.json"} <= names
+    assert list((tmp_path / "cache" / "models").iterdir()) and checked > 10
+    assert not wrong, wrong

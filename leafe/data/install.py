@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import tarfile
-import tempfile
 import time
 import zipfile
 from contextlib import contextmanager
@@ -34,6 +33,7 @@ from leafe.data import fetch
 from leafe.data.fetch import DataError
 from leafe.data.registry import MARKER, Dataset, DataFile, data_root, dataset, dataset_dir, human_bytes, installed
 from leafe.errors import UserError
+from leafe.store import make_temp_dir
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 
@@ -199,7 +199,7 @@ class _Install:
         self.root = root
         self.console = console
         self.downloads = root / ".downloads" / d.name
-        self.staging = Path(tempfile.mkdtemp(prefix=f".{d.name}.", suffix=".tmp", dir=root))
+        self.staging = make_temp_dir(root, f".{d.name}.", ".tmp")  # umask modes, not 0700
         self.records: list[dict] = []
 
     def fetch_url(self, f: DataFile, url: str, progress: Any) -> Path:
@@ -265,7 +265,7 @@ class _Install:
         return url
 
     def _from_archive(self, archive: Path) -> None:
-        unpacked = Path(tempfile.mkdtemp(prefix=f".{self.d.name}.from-", suffix=".tmp", dir=self.root))
+        unpacked = make_temp_dir(self.root, f".{self.d.name}.from-", ".tmp")
         try:
             unpack(archive, unpacked)
             self.from_folder(unpacked, label=str(archive))

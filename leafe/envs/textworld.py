@@ -57,7 +57,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import uuid
 import warnings
@@ -67,6 +66,7 @@ from typing import Any, Literal
 from pydantic import ConfigDict, Field, model_validator
 
 from leafe.envs.base import Env, EnvOptions, IndexedSplits, Observation, Snapshot, Step, obs_hash
+from leafe.store import make_temp_dir
 
 #: Bump when generation changes in a way that changes the games of the same settings.
 RECIPE = "1"
@@ -489,7 +489,7 @@ class TextWorldEnv(IndexedSplits, Env):
         root.mkdir(parents=True, exist_ok=True)
         self._write_settings(root)
         _remove_abandoned_temp_dirs(root)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{split}-{index:05d}-", dir=root))
+        tmp = make_temp_dir(root, f".tmp-{split}-{index:05d}-")  # umask modes, not 0700
         try:
             o = self.options
             generate_task(o.generation_settings(), o.seed, split, index, tmp)

@@ -31,12 +31,12 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 from leafe.errors import UserError
+from leafe.store import make_temp_dir, relax_modes
 
 log = logging.getLogger(__name__)
 
@@ -182,10 +182,11 @@ def _build_cached(name: str, key: str, build: Callable[[Path], dict[str, Any]]) 
         prov["path"] = str(final)
         return str(final), prov
     root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=root))
+    tmp = make_temp_dir(root, f".tmp-{name}-")  # not mkdtemp: its 0700 would stay on the cache
     try:
         t0 = time.perf_counter()
         prov = build(tmp)
+        relax_modes(tmp)  # safetensors writes weights 0600: the cache is shared under the umask
         prov.update(weights_hash(tmp))
         prov["build_seconds"] = round(time.perf_counter() - t0, 2)
         prov["built_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")

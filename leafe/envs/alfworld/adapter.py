@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,6 +51,7 @@ from pydantic import ConfigDict, Field, field_validator
 from leafe.envs.alfworld.generator import TASK_TYPES
 from leafe.envs.base import Env, EnvOptions, Observation, Step
 from leafe.errors import UserError
+from leafe.store import make_temp_dir
 
 if TYPE_CHECKING:
     from leafe.envs.oracle import Diagnosis
@@ -310,7 +310,7 @@ class AlfworldEnv(Env):
             domain_file.read_text(encoding="utf-8"), grammar_file.read_text(encoding="utf-8"),
         )
         folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+        tmp = make_temp_dir(folder.parent, f".{folder.name}.")  # umask modes, not 0700
         try:
             (tmp / GAME_FILE).write_text(json.dumps(data), encoding="utf-8")
             (tmp / "traj_data.json").write_text(json.dumps(traj, indent=2), encoding="utf-8")
