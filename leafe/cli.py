@@ -145,10 +145,17 @@ def plan(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[Lis
             st = p.status(s)
             deps = ", ".join(s.deps + [f"{a} (budget.match)" for a in s.after])
             sid = s.id + (f" = {s.same_as}" if s.same_as else "")
-            cell = st if st not in ("incomplete", "damaged") else f"{st} ({escape(p.check(s).reason())})"
+            note = p.note(s)  # what is wrong, who runs it, or what changed since it last ran
+            cell = f"{st} ({escape(note)})" if note else st
             table.add_row(sid, s.kind, deps or "-", s.hash[:12] if s.kind != "report" else "-",
                           f"[{colors[st]}]{cell}[/{colors[st]}]")
         console.print(table)
+        if (holder := p.in_use()) is not None:
+            from leafe.runlock import describe_holder
+
+            at = f", running {holder['stage']}" if holder.get("stage") else ""
+            console.print(f"[yellow]{escape(str(p.root))} is in use by `leafe run`{describe_holder(holder)}{at}"
+                          "[/yellow]", soft_wrap=True, highlight=False)
     damaged = _unusable_stages(plans)
     from leafe.budget import budget_fit
 

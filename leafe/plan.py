@@ -4,11 +4,12 @@ upstream hashes, code version), so a changed input re-runs exactly what depends 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import leafe
 from leafe.errors import RunDataError, SpecError
@@ -44,6 +45,15 @@ class PlannedStage:
     same_as: str | None = None
     """The stage this one is (`reuse:`): another method's stage with the same key, id aside.
     It shares that stage's key and directory, runs as that stage, and is never run itself."""
+    key: dict[str, Any] = field(default_factory=dict, repr=False)
+    """What `hash` digests: id, kind, inputs, version, code (leafe's version), the upstream
+    stages' hashes (`deps`, `after`)."""
+
+    def key_record(self) -> dict[str, Any]:
+        """The parts of the key `stage.json` records besides id, kind, inputs and version: the
+        code version and the upstream hashes, so `leafe plan` can name what changed."""
+        return {"code": self.key.get("code"), "upstream": self.key.get("deps", {}),
+                "after": self.key.get("after", {})}
 
     @property
     def dirname(self) -> str:
@@ -61,6 +71,8 @@ class Plan:
     records_only: bool = False
     """For readers of records that load no model (the report): a finished stage's
     `checkpoint/` is left out of its status (`StageCheck.records_only`)."""
+    _holder: Any = field(default=False, init=False, repr=False, compare=False)
+    """`in_use`'s answer, asked once (False: not asked yet)."""
 
     def stage(self, sid: str) -> PlannedStage:
         return next(s for s in self.stages if s.id == sid)
@@ -83,6 +95,46 @@ class Plan:
         check = check_stage(self.dir(stage))
         return check.records_only() if self.records_only else check
 
+    def in_use(self) -> dict | None:
+        """Who holds the run directory's lock (`leafe.runlock.lock_holder`: {pid, host, started,
+        stage, dir}), or None when no `leafe run` does; asked once per Plan."""
+        if self._holder is False:
+            from leafe.runlock import lock_holder
+
+            self._holder = lock_holder(self.root)
+        return self._holder
+
+    def running(self, stage: PlannedStage) -> dict | None:
+        """The lock holder when it is running `stage` now, else None."""
+        holder = self.in_use()
+        return holder if holder and stage.kind != "report" and holder.get("dir") == stage.dirname else None
+
+    def changes(self, stage: PlannedStage) -> list[str]:
+        """Why a stage that is `todo` will run anew although it ran before under other inputs:
+        what differs between its key and the `stage.json` of the most recently started directory
+        of the same stage (`eval.samples 4 → 2`, `upstream sft.train changed`); [] when it never
+        ran, or is not todo."""
+        if stage.kind == "report" or self.status(stage) != "todo":
+            return []
+        recorded = _last_recorded(self.root, stage.same_as or stage.id, self.dir(stage))
+        return [] if recorded is None else _key_changes(recorded, stage)
+
+    def note(self, stage: PlannedStage) -> str:
+        """What `leafe plan` adds to a stage's status: what is wrong with a finished stage
+        (incomplete, damaged), who is running it (`running: in use by pid 123`), or why it runs
+        anew (`changed: eval.samples 4 → 2`); '' when there is nothing to say."""
+        from leafe.runlock import describe_holder
+
+        status = self.status(stage)
+        if status in ("incomplete", "damaged"):
+            return self.check(stage).reason()
+        if (holder := self.running(stage)) is not None:
+            return "running: in use by `leafe run`" + describe_holder(holder)
+        if changed := self.changes(stage):
+            more = f", and {len(changed) - 4} more" if len(changed) > 4 else ""
+            return "changed: " + ", ".join(changed[:4]) + more
+        return ""
+
     def unusable(self) -> list[tuple[PlannedStage, "StageCheck"]]:
         """Finished stages that must not be used as they are: damaged or incomplete."""
         out = []
@@ -103,6 +155,64 @@ class Plan:
                     for s, c in self.unusable() if c.status == "damaged" or incomplete_too]
         if problems:
             raise RunDataError(problems)
+
+
+def _last_recorded(root: Path, sid: str, own: Path) -> dict | None:
+    """The `stage.json` of the most recently started directory of stage `sid` under `root`
+    other than `own` (None when there is none, or none readable)."""
+    best, newest = None, -1
+    try:
+        found = list(root.glob(f"{glob.escape(sid)}-*"))
+    except OSError:
+        return None
+    for d in found:
+        if d == own or len(d.name) != len(sid) + 13:  # <id>-<12 hex>: not `eval.a-b-...` of method a-b
+            continue
+        try:
+            mtime = (d / "stage.json").stat().st_mtime_ns
+            rec = json.loads((d / "stage.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(rec, dict) and rec.get("id") == sid and isinstance(rec.get("inputs"), dict) and mtime > newest:
+            best, newest = rec, mtime
+    return best
+
+
+_MISSING = object()
+
+
+def _key_changes(recorded: dict, stage: PlannedStage) -> list[str]:
+    """What differs between a recorded `stage.json` and `stage`'s key, in spec terms."""
+    def show(v: Any) -> str:
+        return "unset" if v is _MISSING else v if isinstance(v, str) else json.dumps(v)
+
+    def diff(a: Any, b: Any, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], Any, Any]]:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b), key=str):
+                yield from diff(a.get(k, _MISSING), b.get(k, _MISSING), path + (str(k),))
+        elif a != b:
+            yield path, a, b
+
+    names = {"method": f"methods.{stage.method}", "policy": "models.policy", "stage": stage.id}
+    now = json.loads(json.dumps(stage.inputs, default=str))  # as recorded: JSON values
+    out = []
+    for path, a, b in diff(recorded["inputs"], now, ()):
+        head = f"models.{path[0][5:]}" if path[0].startswith("role:") else names.get(path[0], path[0])
+        out.append(f"{'.'.join((head, *path[1:]))} {show(a)} → {show(b)}")
+    if recorded.get("version") != stage.version:
+        out.append(f"{stage.id}'s code version {recorded.get('version')} → {stage.version}")
+    code = stage.key.get("code")
+    if recorded.get("code") not in (None, code):
+        out.append(f"leafe {recorded['code']} → {code}")
+    if "upstream" in recorded:
+        before = {**(recorded.get("upstream") or {}), **(recorded.get("after") or {})}
+        after = {**stage.key.get("deps", {}), **stage.key.get("after", {})}
+        out += [f"upstream {d} changed" if d in before and d in after else
+                f"upstream {d} {'added' if d in after else 'removed'}"
+                for d in sorted(set(before) | set(after)) if before.get(d) != after.get(d)]
+    elif not out:  # recorded by a leafe that kept no upstream hashes
+        out.append("an upstream stage or leafe's version")
+    return out
 
 
 def _digest(obj: Any) -> str:
@@ -224,6 +334,7 @@ def build_plan(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
                "code": leafe.__version__, "deps": {d: hashes[d] for d in s.deps}}
         if s.after:
             key["after"] = {d: hashes[d] for d in s.after}
+        s.key = key
         # the key without names: equal for two methods' stages that compute the same thing
         content[s.id] = _digest({k: v for k, v in key.items() if k != "id"} | {
             "deps": [hashes[d] for d in s.deps], "after": [hashes[d] for d in s.after]})

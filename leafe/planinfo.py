@@ -229,8 +229,9 @@ def _resolved_spec(loaded: LoadedSpec) -> dict[str, Any]:
 
 
 def plan_json(loaded: LoadedSpec, plans: list[tuple[int, Plan]]) -> dict[str, Any]:
-    """`leafe plan --json`: `spec` (resolved), `tasks`, `stages` (every seed's), `methods`,
-    `smoke` (the smoke notes, or null)."""
+    """`leafe plan --json`: `spec` (resolved), `tasks`, `stages` (every seed's; `running`: the
+    `leafe run` working on it now, `changed`: what differs from the stage's last run),
+    `methods`, `smoke` (the smoke notes, or null)."""
     from leafe.budget import budget_fit, method_budget
 
     counts = task_counts(loaded)
@@ -244,6 +245,7 @@ def plan_json(loaded: LoadedSpec, plans: list[tuple[int, Plan]]) -> dict[str, An
                 "key": s.hash if s.kind != "report" else None,
                 "dir": str(plan.dir(s)) if s.kind != "report" else None,
                 "status": plan.status(s), "generates": s.generates, "checkpoint": s.produces_checkpoint,
+                "running": plan.running(s), "changed": plan.changes(s),
                 "roles": stage_roles(loaded, plan, s), "budget": _stage_budget(loaded, s),
                 "bounds": stage_bounds(loaded, s, counts),
             })

@@ -379,3 +379,55 @@ def test_files_leafe_writes_follow_the_umask(tmp_path, monkeypatch):
             "model.safetensors", "trainer_state.json"} <= names
     assert list((tmp_path / "cache" / "models").iterdir()) and checked > 10
     assert not wrong, wrong
+
+
+# -- 12. what `leafe plan` says about a stage running now, or about to run anew ------------------
+
+def test_plan_names_the_process_running_a_stage(tmp_path, monkeypatch):
+    """`leafe plan` while `leafe run` evaluates: the stage is in use, by this pid (it said
+    `partial`, like a stage killed half-way)."""
+    import os
+
+    from leafe import runner
+
+    spec = write_spec(tmp_path, EVAL_SPEC, "evalonly")
+    seen = []
+    real = runner.run_eval
+
+    def plan_meanwhile(ctx):
+        seen.append(leafe("plan", spec, "--runs-dir", tmp_path / "runs"))
+        seen.append(leafe("plan", spec, "--runs-dir", tmp_path / "runs", "--json"))
+        return real(ctx)
+
+    monkeypatch.setattr(runner, "run_eval", plan_meanwhile)
+    r = run_spec(spec, tmp_path)
+    assert r.exit_code == 0, r.output
+    table, as_json = seen
+    assert table.exit_code == 0, table.output
+    out = " ".join(table.output.split())
+    assert f"is in use by `leafe run` (pid {os.getpid()}), running eval.base" in out, out
+    cells = " ".join(re.sub(r"[│┃|]", " ", table.output).split())  # the status cell, even wrapped
+    assert f"partial (running: in use by `leafe run` (pid {os.getpid()}))" in cells, cells
+    ev = next(s for s in json.loads(as_json.stdout)["stages"] if s["id"] == "eval.base")
+    assert ev["status"] == "partial" and ev["running"]["pid"] == os.getpid() and ev["running"]["stage"] == "eval.base"
+    monkeypatch.undo()
+    r = leafe("plan", spec, "--runs-dir", tmp_path / "runs")  # the run is over: nobody holds it
+    assert r.exit_code == 0 and "in use" not in r.output, r.output
+
+
+def test_plan_says_what_changed_since_a_stage_last_ran(tmp_path, trained):
+    root = copy_run(trained, tmp_path / "run")
+    spec = root / "faults.yaml"
+    r = leafe("plan", spec, "--runs-dir", root / "runs", "--set", "eval.samples=4", "--json")
+    assert r.exit_code == 0, r.output
+    stages = {s["id"]: s for s in json.loads(r.stdout)["stages"]}
+    assert stages["sft.train"]["status"] == "done" and stages["sft.train"]["changed"] == []
+    assert stages["eval.sft"]["status"] == "todo" and stages["eval.sft"]["changed"] == ["eval.samples 2 → 4"]
+
+    r = leafe("plan", spec, "--runs-dir", root / "runs", "--set", "methods.sft.train.lr=0.002")
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "changed: methods.sft.train.lr 0.001 → 0.002" in out, out
+    assert "changed: upstream sft.train changed" in out, out
+    r = leafe("plan", spec, "--runs-dir", tmp_path / "fresh")  # never ran: nothing to compare with
+    assert r.exit_code == 0 and "changed:" not in r.output
