@@ -21,7 +21,8 @@ INTERRUPTED = "interrupted; re-run the same command to resume"
 
 class _Commands(TyperGroup):
     """leafe's command group: Ctrl-C (KeyboardInterrupt) in any command prints how to go on
-    and exits 130; typer would exit 130 before `main` could say anything."""
+    and exits 130; typer would exit 130 before `main` could say anything. A full disk or a
+    place that cannot be written exits 2 with a message, not a traceback."""
 
     def invoke(self, ctx):
         try:
@@ -29,6 +30,16 @@ class _Commands(TyperGroup):
         except KeyboardInterrupt:
             err.print(INTERRUPTED, highlight=False)
             raise typer.Exit(130) from None
+        except OSError as e:  # a full disk or an unwritable place no command turned into a message
+            from leafe.oserrors import storage_problem
+
+            found = storage_problem(e)
+            if found is None:
+                raise
+            fix = ("free space there, then run the same command again" if found[0] == "full" else
+                   "make it writable for you (or choose another place), then run the same command again")
+            err.print(f"[red]error:[/red] {escape(found[1])}; {fix}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
 
 app = typer.Typer(

@@ -431,3 +431,131 @@ def test_plan_says_what_changed_since_a_stage_last_ran(tmp_path, trained):
     assert "changed: upstream sft.train changed" in out, out
     r = leafe("plan", spec, "--runs-dir", tmp_path / "fresh")  # never ran: nothing to compare with
     assert r.exit_code == 0 and "changed:" not in r.output
+
+
+# -- 6. a read-only run or reports folder, a full disk -----------------------------------------
+
+@pytest.fixture
+def read_only():
+    """Make paths read-only for this process, even as root (root ignores mode bits: `chattr
+    +i`, undone after the test); skips when neither works."""
+    import os
+    import subprocess
+
+    done: list[Path] = []
+
+    def make(path: Path) -> None:
+        if os.geteuid() != 0:
+            for p in [path, *path.rglob("*")]:
+                p.chmod(p.stat().st_mode & ~0o222)
+        else:
+            r = subprocess.run(["chattr", "-R", "+i", str(path)], capture_output=True, text=True)
+            if r.returncode != 0:
+                pytest.skip(f"root ignores mode bits and `chattr +i` failed here: {r.stderr.strip()}")
+        done.append(path)
+
+    yield make
+    for path in done:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-R", "-i", str(path)], check=True)
+        else:
+            for p in [path, *path.rglob("*")]:
+                p.chmod(p.stat().st_mode | 0o200)
+
+
+def test_a_read_only_run_or_reports_folder_is_a_clear_error(tmp_path, evaluated, read_only):
+    root = copy_run(evaluated, tmp_path / "run")
+    spec = root / "evalonly.yaml"
+    run = root / "runs" / "evalonly"
+    read_only(run)
+    r = run_spec(spec, root)  # every stage done, but the lock and manifest cannot be written
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    assert f"cannot write in the run directory {run}" in out and str(run / ".lock") in out, out
+    assert f"`leafe report {run} --reports-dir DIR`" in out
+    r = leafe("report", run, "--reports-dir", root / "reports")  # reading it is fine
+    assert r.exit_code == 0, r.output
+
+    reports = root / "reports"
+    before = (reports / "evalonly.json").read_bytes()
+    read_only(reports)
+    r = leafe("report", spec, "--runs-dir", root / "runs", "--reports-dir", reports)
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    assert f"cannot write the report into {reports}: {reports / 'evalonly.json'}" in out and "--reports-dir DIR" in out
+    assert (reports / "evalonly.json").read_bytes() == before
+
+
+def test_a_full_disk_says_where_and_a_rerun_resumes(tmp_path, evaluated, monkeypatch):
+    """ENOSPC while appending evaluation records (half a line written): exit 2 naming the
+    disk, the file and that a re-run resumes; the re-run ends with the undisturbed records.
+    Then ENOSPC while writing the report: the old report stays."""
+    import errno
+    import os
+
+    spec = write_spec(tmp_path, EVAL_SPEC, "evalonly")
+    real = os.fsync
+    appends = []
+
+    def full_disk(fd):
+        """The 20th append to records.jsonl comes up short: half its line reached the disk."""
+        if os.readlink(f"/proc/self/fd/{fd}").endswith("records.jsonl"):
+            appends.append(fd)
+            if len(appends) == 20:
+                size = os.fstat(fd).st_size
+                with open(f"/proc/self/fd/{fd}", "rb") as f:
+                    last = f.read().rstrip(b"\n").rsplit(b"\n", 1)[-1]
+                os.ftruncate(fd, size - len(last) // 2 - 1)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    r = run_spec(spec, tmp_path)
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    d = stage_dir(tmp_path, "evalonly", "eval.base")
+    assert f"eval.base stopped: the disk holding {d / 'records.jsonl'} is full (no space left on device" in out, out
+    assert "Free space there, then run the same `leafe run` again: it resumes" in out
+    monkeypatch.undo()
+    r = run_spec(spec, tmp_path)
+    assert r.exit_code == 0 and "resuming eval.base" in r.output, r.output
+    assert read_records(d) == read_records(stage_dir(evaluated, "evalonly", "eval.base"))
+
+    report = tmp_path / "reports" / "evalonly.json"
+    before = report.read_bytes()
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", no_space)
+    r = leafe("report", spec, "--runs-dir", tmp_path / "runs", "--reports-dir", tmp_path / "reports")
+    monkeypatch.undo()
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"the disk holding {report} is full" in out, r.output
+    assert report.read_bytes() == before and not list(report.parent.glob(".*.tmp"))
+
+
+def test_torch_failing_to_finish_a_checkpoint_says_the_disk_is_full(tmp_path, monkeypatch):
+    """torch's `unexpected pos` (its zip writer came up short: a full disk) while the trainer
+    saves its optimizer: exit 2, the stage directory named, a re-run resumes."""
+    import torch
+
+    spec = write_spec(tmp_path, TRAIN_SPEC, "faults")
+    real = torch.save
+
+    def short_write(obj, f, *args, **kwargs):
+        if str(f).endswith("optimizer.pt"):
+            Path(f).write_bytes(b"PK\x03\x04")
+            raise RuntimeError("[enforce fail at inline_container.cc:595] . unexpected pos 1088 vs 960")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", short_write)
+    r = run_spec(spec, tmp_path)
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    d = stage_dir(tmp_path, "faults", "sft.train")
+    assert f"sft.train stopped: the disk holding {d} is most likely full" in out and "unexpected pos 1088 vs 960" in out
+    assert "run the same `leafe run` again: it resumes" in out
+    monkeypatch.undo()
+    r = run_spec(spec, tmp_path)
+    assert r.exit_code == 0 and "resuming sft.train" in r.output, r.output

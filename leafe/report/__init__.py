@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from leafe.errors import UserError
 from leafe.report.data import REPORT_VERSION, collect, combine, groups_of
 from leafe.report.render import latex_document, table_markdown, table_rich, to_latex
 from leafe.report.tables import main_table, stage1_table, tables
@@ -87,7 +88,15 @@ def write_reports(loaded: LoadedSpec | list[LoadedSpec], runs_dir, reports_dir: 
         data = groups[0] | ({"name": name} if name else {})
     else:
         data = combine(groups, name or "combined")
-    written = render_all(data, list(rep.formats), Path(reports_dir), rep.plots)
+    try:
+        written = render_all(data, list(rep.formats), Path(reports_dir), rep.plots)
+    except OSError as e:
+        from leafe.oserrors import os_error_message
+
+        raise UserError(os_error_message(
+            e, f"cannot write the report into {reports_dir}",
+            "make that folder writable for you, or write the report elsewhere with --reports-dir DIR",
+            "run the same command again (the report is recomputed from the records)")) from None
     if console is not None:
         print_tables(data, console)
         for w in written:
