@@ -320,12 +320,14 @@ def report(sources: List[Path] = typer.Argument(..., help="Spec files or run dir
         loaded = [_load_source(s, sets) for s in sources]
         if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             raise UserError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it names reports/<name>.*)")
-        runs = [s.parent if s.is_dir() else runs_dir for s in sources]
-        if len(set(runs)) > 1:
-            raise UserError("run directories from different runs folders: report them from one folder "
-                            "(--runs-dir) or one at a time")
-        write_reports(loaded if len(loaded) > 1 else loaded[0], runs[0], reports_dir, console,
-                      name=name)
+        # a run directory is read where it is, whatever its name (renamed, copied); its report is
+        # named after it when that differs from the run's name, so it never replaces another's
+        roots = [s if s.is_dir() else None for s in sources]
+        if name is None and len(sources) == 1 and roots[0] is not None:
+            folder = roots[0].resolve().name
+            name = folder if folder != loaded[0].spec.run_name() else None
+        write_reports(loaded if len(loaded) > 1 else loaded[0], runs_dir, reports_dir, console,
+                      name=name, roots=roots)
     except UserError as e:
         _fail(e)
 

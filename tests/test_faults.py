@@ -348,6 +348,48 @@ def test_ctrl_c_says_how_to_resume_and_exits_130(tmp_path, monkeypatch):
     assert "interrupted; re-run the same command to resume" in r.output
 
 
+# -- 4. a renamed or copied run directory ------------------------------------------------------
+
+def test_a_renamed_or_copied_run_directory_is_reported_from_where_it_is(tmp_path, evaluated):
+    """`leafe report DIR` reads DIR, whatever its name, and names the report after it; it never
+    reads runs/<name in the manifest> (a missing folder gave `(not run)` rows, exit 0, and
+    replaced the good report)."""
+    root = copy_run(evaluated, tmp_path / "run")
+    good = root / "reports" / "evalonly.json"
+    before = good.read_bytes()
+    renamed = root / "runs" / "old-evalonly"
+    (root / "runs" / "evalonly").rename(renamed)
+    elsewhere = copy_run(renamed, tmp_path / "elsewhere" / "evalonly-copy")
+    for run, name in ((renamed, "old-evalonly"), (elsewhere, "evalonly-copy")):
+        r = leafe("report", run, "--reports-dir", root / "reports")
+        assert r.exit_code == 0, r.output
+        row = json.loads((root / "reports" / f"{name}.json").read_text())["rows"][0]
+        assert row["status"] == "done" and row["episodes"] == 12, row
+        assert "(not run)" not in r.output
+    assert good.read_bytes() == before
+
+
+def test_a_report_with_no_finished_evaluation_is_an_error_and_writes_nothing(tmp_path, evaluated):
+    root = copy_run(evaluated, tmp_path / "run")
+    spec = root / "evalonly.yaml"
+    good = root / "reports" / "evalonly.json"
+    before = good.read_bytes()
+    # the spec against a runs folder that does not hold its run
+    r = leafe("report", spec, "--runs-dir", tmp_path / "empty", "--reports-dir", root / "reports")
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2, r.output
+    assert f"{tmp_path / 'empty' / 'evalonly'}: no evaluation has finished (eval.base todo)" in out, out
+    assert "no report was written" in out and f"leafe run {spec}" in out
+    assert good.read_bytes() == before
+    # a run directory whose evaluation never finished: its manifest only
+    bare = tmp_path / "bare" / "evalonly"
+    bare.mkdir(parents=True)
+    shutil.copy(root / "runs" / "evalonly" / "manifest.json", bare)
+    r = leafe("report", bare, "--reports-dir", root / "reports")
+    assert r.exit_code == 2 and f"{bare}: no evaluation has finished" in " ".join(r.output.split()), r.output
+    assert good.read_bytes() == before and sorted(p.name for p in (root / "reports").iterdir()) == ["evalonly.json"]
+
+
 # -- 11. file modes follow the umask -----------------------------------------------------------
 
 def test_files_leafe_writes_follow_the_umask(tmp_path, monkeypatch):

@@ -72,17 +72,43 @@ def render_all(data: dict, formats: list[str], out: Path, plots: bool = True) ->
     return written
 
 
+def _raise_if_nothing_finished(loaded: LoadedSpec, root: Path, group: dict) -> None:
+    """A UserError when no evaluation of the group finished and no Stage 1 exploration did."""
+    if any(r.get("seeds_done") for r in group["rows"]) or any(
+            r.get("status") == "done" for r in group["stage1"]["rows"]):
+        return
+    states = ", ".join(f"eval.{r['method']} {r['status']}" for r in group["rows"])
+    spec = loaded.file or "SPEC"
+    raise UserError(f"{root}: no evaluation has finished ({states}), so there is nothing to report; no report "
+                    f"was written. `leafe run {spec}` runs them (resuming what was started); `leafe plan "
+                    f"{spec}` shows what is left")
+
+
 def print_tables(data: dict, console: Console) -> None:
     for t in tables(data):
         console.print(table_rich(t))
 
 
 def write_reports(loaded: LoadedSpec | list[LoadedSpec], runs_dir, reports_dir: Path | str,
-                  console: Console | None, name: str | None = None) -> dict:
+                  console: Console | None, name: str | None = None,
+                  roots: list[Path | None] | None = None) -> dict:
     """Collect and render the report of one spec, or the combined report of several (named
-    `name`, default `combined`); `runs_dir` may be a Plan (its runs directory is used)."""
+    `name`, default `combined`); `runs_dir` may be a Plan (its run directory is used). `roots`:
+    per spec, the run directory to read (a path the user gave), or None for runs_dir/<run name>.
+
+    A spec with nothing finished (no evaluation, no LEAFE exploration for the Stage 1 table) is
+    a `UserError` and nothing is written: a table of `(not run)` would replace a good report."""
+    from leafe.plan import Plan
+
     specs = loaded if isinstance(loaded, list) else [loaded]
-    groups = [collect(one, runs_dir) for one in specs]
+    roots = list(roots) if roots is not None else [None] * len(specs)
+    if isinstance(runs_dir, Plan):
+        if len(specs) == 1:
+            roots = [roots[0] or runs_dir.root]
+        runs_dir = runs_dir.root.parent
+    groups = [collect(one, runs_dir, root) for one, root in zip(specs, roots)]
+    for one, root, group in zip(specs, roots, groups):
+        _raise_if_nothing_finished(one, root or Path(runs_dir) / one.spec.run_name(), group)
     rep = specs[0].spec.report
     if len(groups) == 1:
         data = groups[0] | ({"name": name} if name else {})
