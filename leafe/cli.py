@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -14,7 +13,7 @@ from typer.core import TyperGroup
 from rich.markup import escape  # error texts quote spec values: `[..]` there is not markup
 
 import leafe
-from leafe.errors import RunDataError, SpecError, UserError
+from leafe.errors import RunDataError, SpecError, UserError, cut
 
 INTERRUPTED = "interrupted; re-run the same command to resume"
 
@@ -60,12 +59,18 @@ RunsOpt = typer.Option(Path("runs"), "--runs-dir", help="Where run artifacts go.
 ReportsOpt = typer.Option(Path("reports"), "--reports-dir", help="Where reports go.")
 
 
+#: The most characters of one error message printed: messages cut the values they quote, and
+#: this bounds what slipped through (rich lays a megabytes-long line out for minutes).
+MESSAGE_LIMIT = 4000
+
+
+def _print_error(msg: str) -> None:
+    err.print(f"[red]error:[/red] {escape(cut(msg, MESSAGE_LIMIT))}", highlight=False, soft_wrap=True)
+
+
 def _fail(e: Exception) -> None:
-    if isinstance(e, (SpecError, RunDataError)):
-        for p in e.problems:
-            err.print(f"[red]error:[/red] {escape(p)}", highlight=False, soft_wrap=True)
-    else:
-        err.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+    for p in e.problems if isinstance(e, (SpecError, RunDataError)) else [str(e)]:
+        _print_error(p)
     raise typer.Exit(2)
 
 
@@ -78,6 +83,14 @@ def _load(spec: Path, sets: list[str] | None, smoke: bool = False):
 
         loaded = smoke_spec(loaded)
     return loaded
+
+
+def _prompt_notes(loaded) -> None:
+    """Say which prompts are long enough to make every step slow (a run that seems stuck)."""
+    from leafe.spec.loader import prompt_notes
+
+    for line in prompt_notes(loaded.spec):
+        err.print(f"[yellow]{escape(line)}[/yellow]", soft_wrap=True, highlight=False)
 
 
 SmokeOpt = typer.Option(False, "--smoke", help="The spec's smoke run: every method and stage with the tiny "
@@ -105,16 +118,16 @@ def validate(specs: List[Path] = typer.Argument(..., help="Spec files."), sets: 
         try:
             loaded = _load(s, sets)
             console.print(f"[green]ok[/green] {s} ({loaded.spec.name}: {', '.join(loaded.methods)})")
+            _prompt_notes(loaded)
         except UserError as e:
             failed = True
             if isinstance(e, SpecError):
                 for p in e.problems:
-                    err.print(f"[red]error:[/red] {escape(p)}", highlight=False, soft_wrap=True)
+                    _print_error(p)
             else:
                 from leafe.spec.loader import _display
 
-                msg = str(e) if _display(s) in str(e) else f"{s}: {e}"
-                err.print(f"[red]error:[/red] {escape(msg)}", highlight=False, soft_wrap=True)
+                _print_error(str(e) if _display(s) in str(e) else f"{s}: {e}")
     if failed:
         raise typer.Exit(2)
 
@@ -247,6 +260,7 @@ def run(spec: Path = typer.Argument(..., help="Spec file."), sets: Optional[List
         loaded = _load(spec, sets, smoke)
         for line in loaded.smoke or []:
             console.print(f"smoke: {line}", soft_wrap=True, highlight=False, markup=False)
+        _prompt_notes(loaded)
         from leafe.runner import run as run_plan
 
         run_plan(loaded, runs_dir, reports_dir, console)
@@ -318,8 +332,11 @@ def report(sources: List[Path] = typer.Argument(..., help="Spec files or run dir
 
     try:
         loaded = [_load_source(s, sets) for s in sources]
-        if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
-            raise UserError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (it names reports/<name>.*)")
+        if name is not None:
+            from leafe.spec.schema import name_problem
+
+            if (msg := name_problem(name, "reports/<name>.*")) is not None:
+                raise UserError(f"--name: {msg}")
         # a run directory is read where it is, whatever its name (renamed, copied); its report is
         # named after it when that differs from the run's name, so it never replaces another's
         roots = [s if s.is_dir() else None for s in sources]

@@ -3,6 +3,23 @@
 The CLI turns any `UserError` into a message and exit code 2, never a traceback.
 """
 
+#: The most characters of one user value a message quotes (`cut`).
+SHOWN = 200
+
+
+def cut(text: str, limit: int = SHOWN) -> str:
+    """`text`, or its first `limit` characters and how long it was: a message quoting a spec
+    value must stay readable (and printable in time) when the value is megabytes long."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def shown(value: object, limit: int = SHOWN) -> str:
+    """`repr(value)` for a message, cut to about `limit` characters (a long string is cut
+    before `repr` copies it)."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return cut(repr(value), limit)
+
 
 class UserError(Exception):
     """An error caused by the user's input (spec, flags, missing data or model)."""

@@ -601,3 +601,136 @@ def test_torch_failing_to_finish_a_checkpoint_says_the_disk_is_full(tmp_path, mo
     monkeypatch.undo()
     r = run_spec(spec, tmp_path)
     assert r.exit_code == 0 and "resuming sft.train" in r.output, r.output
+
+
+# -- 6, 8, 9, 10, 13. hostile or malformed specs -----------------------------------------------
+# A spec that cannot be used is refused by validation in seconds, with a message that names
+# the file, line and field, quotes at most a cut of the value, and exits 2. The timed ones run
+# in a subprocess: the faults they guard against took minutes.
+
+def leafe_timed(*args: str | Path, timeout: float = 30):
+    """`python -m leafe ARGS` in a subprocess that must end within `timeout` seconds."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        return subprocess.run([sys.executable, "-m", "leafe", *map(str, args)], capture_output=True, text=True,
+                              timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "120"})
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"leafe {' '.join(str(a)[:50] for a in args)} still busy after {timeout} s")
+
+
+def refused(r, *wanted: str) -> str:
+    """The error output of an exit-2 refusal (a subprocess's or CliRunner's), checked to be
+    short and to say `wanted`; whitespace folded."""
+    import subprocess
+
+    code, err = (r.returncode, r.stderr) if isinstance(r, subprocess.CompletedProcess) else (r.exit_code, r.output)
+    assert code == 2, err[:2000]
+    assert "Traceback" not in err and len(err) < 3000, err[:3000]
+    out = " ".join(err.split())
+    for w in wanted:
+        assert w in out, out
+    return out
+
+
+def every_command(tmp_path: Path, spec: Path) -> list[list]:
+    return [["validate", spec], ["plan", spec, "--runs-dir", tmp_path / "runs"],
+            ["run", spec, "--runs-dir", tmp_path / "runs", "--reports-dir", tmp_path / "reports"]]
+
+
+def test_a_10mb_name_is_refused_in_seconds_with_the_value_cut(tmp_path):
+    """Item 8: `validate` spun for minutes printing the name; `plan` and `run` failed with
+    `File name too long`, echoing 10 MB."""
+    spec = write_spec(tmp_path, EVAL_SPEC.replace("name: evalonly", "name: " + "a" * 10_000_000), "huge")
+    for args in every_command(tmp_path, spec):
+        refused(leafe_timed(*args), "huge.yaml:2: name: too long (10000000 characters)",
+                "at most 100 characters")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_10mb_value_validates_in_seconds(tmp_path):
+    """Item 8: validation time is linear in the spec's size (a 10 MB hint is a valid value)."""
+    spec = write_spec(tmp_path, EVAL_SPEC.replace("test_tasks: 3}", "test_tasks: 3, reflection_hint: "
+                                                  + "b" * 10_000_000 + "}"), "hint")
+    r = leafe_timed("validate", spec)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr[:2000]
+
+
+@pytest.mark.parametrize("key,value", [("name", "../../elsewhere"), ("name", ".hidden"), ("run_dir", "a/b"),
+                                        ("methods", "{'../escape': {method: base}}"),
+                                        ("methods", "{'sft.v2': {method: sft}}"),
+                                        ("methods", "{" + "m" * 300 + ": {method: base}}")])
+def test_names_that_become_file_names_are_refused(tmp_path, key, value):
+    """Item 8: the spec's name, run_dir and method names name folders and files: refused
+    unless letters, digits, '.', '_', '-' (no '.' in a method name: stage ids) within 100."""
+    text = EVAL_SPEC.replace({"name": "name: evalonly\n", "methods": "methods:\n  base: {}\n"}.get(key, "\n"), "\n")
+    text += f"{key}: {value}\n"
+    r = leafe("validate", write_spec(tmp_path, text, "names"))
+    refused(r, f"names.yaml:", f"{key}" if key != "methods" else "methods.",
+            "starting with a letter or digit, at most 100 characters")
+
+
+def test_an_alias_bomb_is_refused_in_seconds(tmp_path):
+    """Item 9: nine levels of nine aliases under an unknown key expand to 387 million values;
+    `validate` was busy for over a minute before any error."""
+    levels = ["  l0: &l0 [" + ", ".join(["lol"] * 9) + "]"]
+    levels += [f"  l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 10)]
+    spec = write_spec(tmp_path, EVAL_SPEC + "nosuch:\n" + "\n".join(levels) + "\n", "bomb")
+    for args in every_command(tmp_path, spec):
+        refused(leafe_timed(*args), "bomb.yaml:16: nosuch.l4[0]: YAML aliases (*name) expand to more than 10000 "
+                "values here")
+
+
+def test_a_recursive_alias_is_refused(tmp_path):
+    spec = write_spec(tmp_path, EVAL_SPEC + "nosuch: &a [1, *a]\n", "loop")
+    refused(leafe("validate", spec), "loop.yaml:11: nosuch[1]:", "recursive")
+
+
+def test_a_10mb_system_prompt_is_refused_at_validation(tmp_path):
+    """Item 10: a 10 MB system prompt gave no sign of life for minutes (tokenized at every
+    step); the policy's context (8192 tokens for the built-in) is known at validation."""
+    text = EVAL_SPEC.replace("env: {use: sokoban, max_steps: 3, test_tasks: 3}",
+                             "env: {use: sokoban, max_steps: 3, test_tasks: 3, prompt: {system: "
+                             + "x" * 10_000_000 + ", user: '{{ observation }}'}}")
+    spec = write_spec(tmp_path, text, "prompt")
+    for args in every_command(tmp_path, spec):
+        refused(leafe_timed(*args), "prompt.yaml:4: env.prompt.system: 10000000 characters cannot fit the "
+                "policy's context of 8192 tokens (leafe:tiny-qwen2)", "shorten the prompt")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_set_of_an_unknown_key_blames_the_set(tmp_path):
+    """Item 13: `--set nosuch.key=1` was blamed on `spec.yaml:1`, a nested unknown key from
+    `--set` got a `:0` suffix."""
+    spec = write_spec(tmp_path, EVAL_SPEC, "evalonly")
+    out = refused(leafe("validate", spec, "--set", "nosuch.key=1"), "error: --set nosuch.key=1: nosuch: unknown key")
+    assert "evalonly.yaml" not in out
+    out = refused(leafe("validate", spec, "--set", "eval.nosuch=1"), "error: --set eval.nosuch=1: eval.nosuch: unknown key")
+    assert ":0" not in out and "evalonly.yaml" not in out
+    out = refused(leafe("validate", spec, "--set", "eval={samples: two}"), "error: --set eval={samples: two}: eval.samples:")
+
+
+def test_a_binary_spec_is_a_clear_error(tmp_path):
+    """Item 6: a binary file given as a spec raised UnicodeDecodeError."""
+    spec = tmp_path / "image.yaml"
+    spec.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfegarbage")
+    for args in every_command(tmp_path, spec):
+        refused(leafe(*args), f"{spec}: not a spec: byte 0 is not UTF-8 text", "pass a YAML spec file")
+    spec.write_bytes(b"leafe: 1\nname: \x00\x01\n")  # UTF-8, but characters YAML refuses
+    refused(leafe("validate", spec), f"{spec}:2: YAML syntax error")
+
+
+def test_a_long_system_prompt_for_a_model_of_unknown_context_is_named(tmp_path):
+    """Item 10: where the policy's context is not known at validation, `validate` and `run`
+    say what will be slow before anything starts."""
+    text = EVAL_SPEC.replace("env: {use: sokoban, max_steps: 3, test_tasks: 3}",
+                             "env: {use: sokoban, max_steps: 3, test_tasks: 3, prompt: {system: "
+                             + "x" * 200_000 + ", user: '{{ observation }}'}}")
+    text = text.replace('name: "leafe:tiny-qwen2"', "name: someone/unknown-model")
+    r = leafe("validate", write_spec(tmp_path, text, "slow"))
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert ("note: env.prompt.system is 200000 characters: every policy step renders and tokenizes it, which is "
+            "slow, and it may not fit (the policy's context is not known before the model loads)") in out

@@ -15,8 +15,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from leafe.errors import SpecError, UserError
-from leafe.spec.schema import SUPPORTED_VERSIONS, Spec
+from leafe.errors import SpecError, UserError, cut, shown
+from leafe.spec.schema import SUPPORTED_VERSIONS, Spec, name_problem
 
 Path_ = tuple[str | int, ...]
 Where = tuple[str, int]  # (file or origin, 1-based line)
@@ -46,57 +46,180 @@ class Located:
 def _fmt_path(path: Path_) -> str:
     out = ""
     for part in path:
+        part = part if isinstance(part, int) else cut(part, NAME_SHOWN)
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
 
 
+def _fmt_where(where: Where) -> str:
+    """`file:line`; a `--set` override (line 0) by itself."""
+    return f"{where[0]}:{where[1]}" if where[1] else where[0]
+
+
 def _problem(where: Where | None, path: Path_, msg: str) -> str:
-    loc = f"{where[0]}:{where[1]}" if where else "<spec>"
-    return f"{loc}: {_fmt_path(path)}: {msg}"
+    loc = _fmt_where(where) if where else "<spec>"
+    # values are cut where they are quoted; this bounds what slipped through (a long list)
+    return f"{loc}: {_fmt_path(path)}: {cut(msg, MESSAGE_SHOWN)}"
+
+
+#: The most characters of a key a message shows, and of one message (`_problem`).
+NAME_SHOWN = 100
+MESSAGE_SHOWN = 2000
+
+#: How many values YAML aliases (`*name`) may add to a spec. A few aliases are a convenience;
+#: nine levels of nine aliases (an "alias bomb") would expand to 387 million values, minutes
+#: of work before any error.
+MAX_ALIAS_VALUES = 10_000
+#: How deep a spec may nest: a spec is a few levels deep, and deeper input exhausts Python's
+#: recursion (a traceback, not an error) or is a recursive alias.
+MAX_DEPTH = 64
 
 
 # -- YAML with locations ------------------------------------------------------------------------
-def _node_to_data(node: yaml.Node, origin: str, path: Path_, where: dict[Path_, Where]) -> Any:
-    where[path] = (origin, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[str, Any] = {}
-        for k_node, v_node in node.value:
-            key = yaml.safe_load(yaml.serialize(k_node)) if k_node.tag != "tag:yaml.org,2002:str" else k_node.value
-            if not isinstance(key, str):
-                raise SpecError([_problem((origin, k_node.start_mark.line + 1), path, f"mapping key {key!r} must be a string")])
-            if key in out:
-                raise SpecError([_problem((origin, k_node.start_mark.line + 1), path + (key,), "duplicate key")])
-            out[key] = _node_to_data(v_node, origin, path + (key,), where)
-            where[path + (key,)] = (origin, k_node.start_mark.line + 1)
-        return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_node_to_data(n, origin, path + (i,), where) for i, n in enumerate(node.value)]
-    # A scalar: let PyYAML's safe resolver type it (int, float, bool, null, str).
-    return yaml.safe_load(yaml.serialize(node))
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+#: libyaml's parser when PyYAML has it: a 10 MB value parses in a fraction of a second, not the
+#: pure-Python parser's many seconds. Both give the same nodes and line numbers.
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _node_to_data(root: yaml.Node, origin: str, where: dict[Path_, Where], at: Path_ = (),
+                  lines: bool = True) -> Any:
+    """The plain data of a composed YAML document at path `at`, recording each node's line in
+    `where` (line 0, no line, with `lines=False`: a `--set` value).
+
+    Work is linear in the document's size: scalars are constructed directly (no round trip
+    through the YAML emitter), and the values aliases add are counted and bounded."""
+    constructor = yaml.constructor.SafeConstructor()
+    seen: set[int] = set()  # nodes converted once: meeting one again is an alias
+    open_: set[int] = set()  # collections being converted: meeting one of them is recursion
+    added = 0  # values added by aliases
+    alias_at: Path_ | None = None  # where the outermost alias being expanded is used
+
+    def fail(path: Path_, msg: str) -> SpecError:
+        return SpecError([_problem(where.get(path) or _nearest(path), path, msg)])
+
+    def _nearest(path: Path_) -> Where:
+        while path not in where and path:
+            path = path[:-1]
+        return where.get(path, (origin, 1 if lines else 0))
+
+    def line(mark: yaml.Mark) -> Where:
+        return (origin, mark.line + 1 if lines else 0)
+
+    def rec(node: yaml.Node, path: Path_) -> Any:
+        nonlocal added, alias_at
+        alias = id(node) in seen
+        # an alias is located where it is used (its parent), not at the anchor it names
+        where.setdefault(path, _nearest(path[:-1]) if alias else line(node.start_mark))
+        if len(path) > MAX_DEPTH:
+            raise fail(path, f"nested more than {MAX_DEPTH} levels deep; a spec is a few levels deep")
+        outermost = False
+        if alias and alias_at is None:
+            alias_at, outermost = path, True
+        seen.add(id(node))
+        if alias_at is not None:
+            added += 1
+            if added > MAX_ALIAS_VALUES:
+                raise fail(alias_at, f"YAML aliases (*name) expand to more than {MAX_ALIAS_VALUES} "
+                           "values here; write the values out, or alias fewer or smaller ones")
+        try:
+            if isinstance(node, yaml.MappingNode):
+                if id(node) in open_:
+                    raise fail(path, "a YAML alias (*name) inside the value it names (recursive); "
+                               "remove that alias")
+                open_.add(id(node))
+                out: dict[str, Any] = {}
+                for k_node, v_node in node.value:
+                    at = line(k_node.start_mark)
+                    if not isinstance(k_node, yaml.ScalarNode):
+                        kind = "mapping" if isinstance(k_node, yaml.MappingNode) else "list"
+                        raise SpecError([_problem(at, path, f"a mapping key must be a string, not a {kind}")])
+                    if k_node.tag == _MERGE_TAG:
+                        raise SpecError([_problem(at, path, "YAML merge keys (<<) are not supported; write "
+                                                  "the keys out (presets merge with `use:`)")])
+                    key = k_node.value if k_node.tag == "tag:yaml.org,2002:str" else _scalar(k_node, at, path)
+                    if not isinstance(key, str):
+                        raise SpecError([_problem(at, path, f"mapping key {shown(key)} must be a string")])
+                    if key in out:
+                        raise SpecError([_problem(at, path + (key,), "duplicate key")])
+                    where[path + (key,)] = at
+                    out[key] = rec(v_node, path + (key,))
+                open_.discard(id(node))
+                return out
+            if isinstance(node, yaml.SequenceNode):
+                if id(node) in open_:
+                    raise fail(path, "a YAML alias (*name) inside the value it names (recursive); "
+                               "remove that alias")
+                open_.add(id(node))
+                items = [rec(n, path + (i,)) for i, n in enumerate(node.value)]
+                open_.discard(id(node))
+                return items
+            # A scalar: PyYAML's safe resolver typed it (int, float, bool, null, str).
+            return _scalar(node, where[path], path)
+        finally:
+            if outermost:
+                alias_at = None
+
+    def _scalar(node: yaml.Node, at: Where, path: Path_) -> Any:
+        try:
+            return constructor.construct_object(node, deep=True)
+        except yaml.YAMLError as e:
+            what = getattr(e, "problem", None) or str(e)
+            raise SpecError([_problem(at, path, f"cannot read this value: {cut(what)}")]) from None
+
+    return rec(root, at)
+
+
+def _check_depth(text: str, origin: str, lines: bool = True) -> None:
+    """Refuse YAML nested deeper than MAX_DEPTH before composing it: the composers recurse once
+    per level (libyaml's in C, where megabytes of `[` overflow the stack: a crash)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                at = f"{origin}:{event.start_mark.line + 1}" if lines else origin
+                raise SpecError([f"{at}: nested more than {MAX_DEPTH} levels deep; a spec is a few "
+                                 "levels deep"])
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
 
 
 def read_yaml(file: Path, display: str | None = None) -> Located:
     """Parse one YAML file, keeping the line of every node."""
     origin = display or str(file)
     try:
-        text = file.read_text(encoding="utf-8")
+        raw = file.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{origin}: no such file") from None
+    except IsADirectoryError:
+        raise UserError(f"{origin}: is a directory; pass a spec file (YAML)") from None
     except OSError as e:
         raise UserError(f"{origin}: cannot read: {e.strerror}") from None
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{origin}: not a spec: byte {e.start} is not UTF-8 text (a binary file?); "
+                        "pass a YAML spec file") from None
+    try:
+        _check_depth(text, origin)
+        node = yaml.compose(text, Loader=_Loader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
-        line = mark.line + 1 if mark else 1
+        if mark is not None:
+            line = mark.line + 1
+        elif isinstance(getattr(e, "position", None), int):  # a ReaderError: a character YAML refuses
+            line = text.count("\n", 0, e.position) + 1
+        else:
+            line = 1
         what = getattr(e, "problem", None) or str(e)
         ctx = getattr(e, "context", None)
-        msg = f"YAML syntax error: {what}" + (f" ({ctx})" if ctx else "")
+        msg = f"YAML syntax error: {cut(what)}" + (f" ({cut(ctx)})" if ctx else "")
         raise SpecError([f"{origin}:{line}: {msg}; fix the YAML syntax at that line"]) from None
     if node is None:
         return Located({}, {(): (origin, 1)})
     where: dict[Path_, Where] = {}
-    data = _node_to_data(node, origin, (), where)
+    data = _node_to_data(node, origin, where)
     return Located(data, where)
 
 
@@ -175,13 +298,16 @@ def _resolve_use(doc: Located, at: Path_, kind: str, spec_file: Path | None, cha
     name = node.get("use")
     where = doc.locate(at + ("use",))
     if not isinstance(name, str):
-        return [_problem(where, at + ("use",), f"must be a preset name (string), got {name!r}")]
+        return [_problem(where, at + ("use",), f"must be a preset name (string), got {shown(name)}")]
+    msg = name_problem(name, f"a preset file, {kind}/<name>.yaml")
+    if msg:
+        return [_problem(where, at + ("use",), msg)]
     if name in chain:
         return [_problem(where, at + ("use",), f"preset cycle: {' -> '.join(chain + (name,))}")]
     file = _find_preset(kind, name, spec_file)
     if file is None:
         avail = available_presets(kind, spec_file)
-        return [_problem(where, at + ("use",), f"unknown preset {name!r}; presets in {kind}/: "
+        return [_problem(where, at + ("use",), f"unknown preset {shown(name)}; presets in {kind}/: "
                          f"{', '.join(avail) or '(none found)'}")]
     preset = read_yaml(file, _display(file))
     if not isinstance(preset.data, dict):
@@ -219,30 +345,43 @@ def _display(file: Path) -> str:
 
 # -- --set overrides ------------------------------------------------------------------------------
 def apply_set(doc: Located, assignment: str) -> None:
-    """Apply one `dotted.key=value` override; the value is parsed as a YAML scalar/flow value."""
+    """Apply one `dotted.key=value` override; the value is parsed as a YAML scalar/flow value.
+    What it sets (and every mapping it creates on the way) is located at the `--set` itself, so
+    a message about it blames the override, not the spec file."""
     key, sep, raw = assignment.partition("=")
-    origin = f"--set {assignment}"
+    origin = f"--set {cut(assignment)}"
     if not sep or not key.strip():
         raise SpecError([f"{origin}: expected KEY=VALUE, e.g. --set eval.samples=16"])
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as e:
-        raise SpecError([f"{origin}: cannot parse the value: {e}"]) from None
     parts = key.strip().split(".")
+    try:
+        if raw.strip():
+            _check_depth(raw, origin, lines=False)
+        node = yaml.compose(raw, Loader=_Loader) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise SpecError([f"{origin}: cannot parse the value: {cut(str(e))}"]) from None
+    located: dict[Path_, Where] = {}
+    if node is not None:  # as a spec's value: aliases bounded, every part located at the --set
+        value = _node_to_data(node, origin, located, tuple(parts), lines=False)
+    else:
+        value = "" if not raw.strip() else None
     node = doc.data
+    created: Path_ | None = None  # the first mapping this override creates
     for i, part in enumerate(parts[:-1]):
         nxt = node.get(part) if isinstance(node, dict) else None
         if nxt is None:
             nxt = {}
             node[part] = nxt
+            created = created or tuple(parts[: i + 1])
         elif not isinstance(nxt, dict):
-            raise SpecError([f"{origin}: {'.'.join(parts[: i + 1])} is not a mapping"])
+            raise SpecError([f"{origin}: {cut('.'.join(parts[: i + 1]))} is not a mapping"])
         node = nxt
     node[parts[-1]] = value
-    path = tuple(parts)
+    path = created or tuple(parts)
     for p in [p for p in doc.where if p[: len(path)] == path]:
         del doc.where[p]
-    doc.where[path] = (origin, 0)
+    for n in range(len(path), len(parts) + 1):
+        doc.where[tuple(parts[:n])] = (origin, 0)
+    doc.where.update(located)
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -258,8 +397,10 @@ def _pydantic_problems(err: ValidationError, doc: Located, prefix: Path_ = ()) -
             msg = "unknown key (check the spelling; `leafe validate --help` or the README list the fields)"
         elif e["type"] == "missing":
             msg = "required field is missing"
+        elif e["type"] == "value_error" and "error" in e.get("ctx", {}):
+            msg = str(e["ctx"]["error"])  # our validators' own words, without "Value error, "
         elif "input" in e and e["type"] not in ("value_error", "assertion_error"):
-            msg += f" (got {e['input']!r})"
+            msg += f" (got {shown(e['input'])})"
         out.append(_problem(doc.locate(loc), loc, msg))
     return out
 
@@ -276,7 +417,7 @@ def _reuse_problems(configs: dict[str, BaseModel], types: dict[str, str], doc: L
         if other == name:
             why = "a method cannot reuse its own stages"
         elif other not in configs:
-            why = f"names {other!r}, which is not a method of this spec ({', '.join(configs)})"
+            why = f"names {shown(other)}, which is not a method of this spec ({', '.join(configs)})"
         elif types[other] != types[name]:
             why = (f"{other!r} is a {types[other]} method and {name!r} a {types[name]} one: only a method "
                    "of the same type has stages to share")
@@ -312,7 +453,7 @@ class LoadedSpec:
 
     def where(self, *path: str | int) -> str:
         w = self.doc.locate(path)
-        return f"{w[0]}:{w[1]}" if w else "<spec>"
+        return _fmt_where(w) if w else "<spec>"
 
     def with_seed(self, seed: int) -> "LoadedSpec":
         """This spec under master seed `seed` (one run of a multi-seed experiment)."""
@@ -366,7 +507,7 @@ def load_doc(doc: Located, overrides: list[str], file: Path | None = None) -> Lo
     version = doc.data["leafe"]
     if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
         raise SpecError([_problem(doc.locate(("leafe",)), ("leafe",),
-                                  f"spec format version {version!r} is not supported; this release "
+                                  f"spec format version {shown(version)} is not supported; this release "
                                   f"reads version(s): {', '.join(map(str, SUPPORTED_VERSIONS))}")])
     for a in overrides:
         apply_set(doc, a)
@@ -377,6 +518,10 @@ def load_doc(doc: Located, overrides: list[str], file: Path | None = None) -> Lo
     methods_raw = doc.data.get("methods")
     if isinstance(methods_raw, dict):
         for name, cfg in list(methods_raw.items()):
+            msg = name_problem(name, "its stages' folders, runs/<name>/<method>.<stage>-<key>/", method=True)
+            if msg:
+                problems.append(_problem(doc.locate(("methods", name)), ("methods", name), msg))
+                continue
             if cfg is None:
                 methods_raw[name] = {}
             elif isinstance(cfg, dict) and "use" in cfg:
@@ -402,7 +547,7 @@ def load_doc(doc: Located, overrides: list[str], file: Path | None = None) -> Lo
         mtype = raw.get("method", name)
         if mtype not in method_registry.registry:
             at = ("methods", name, "method") if "method" in raw else ("methods", name)
-            problems.append(_problem(doc.locate(at), at, f"unknown method {mtype!r}; registered: "
+            problems.append(_problem(doc.locate(at), at, f"unknown method {shown(mtype)}; registered: "
                                      f"{', '.join(method_registry.names())} (set `method:` to one "
                                      "of them to name an instance differently)"))
             continue
@@ -416,7 +561,7 @@ def load_doc(doc: Located, overrides: list[str], file: Path | None = None) -> Lo
         init = getattr(cfg, "init", None)
         if init is not None and init not in spec.methods:
             at = ("methods", name, "init")
-            problems.append(_problem(doc.locate(at), at, f"init names {init!r}, which is not a "
+            problems.append(_problem(doc.locate(at), at, f"init names {shown(init)}, which is not a "
                                      f"method of this spec ({', '.join(spec.methods)})"))
     problems += _reuse_problems(configs, types, doc)
 
@@ -434,7 +579,7 @@ def load_doc(doc: Located, overrides: list[str], file: Path | None = None) -> Lo
     env_options: BaseModel | None = None
     if spec.env.adapter not in envs.registry:
         at = ("env", "adapter")
-        problems.append(_problem(doc.locate(at), at, f"unknown environment {spec.env.adapter!r}; "
+        problems.append(_problem(doc.locate(at), at, f"unknown environment {shown(spec.env.adapter)}; "
                                  f"registered: {', '.join(envs.names())}"))
     else:
         try:
@@ -442,12 +587,16 @@ def load_doc(doc: Located, overrides: list[str], file: Path | None = None) -> Lo
         except ValidationError as e:
             problems += _pydantic_problems(e, doc, ("env", "options"))
 
+    # Prompts must fit the policy's context (where it is known), before compiling them: a
+    # megabytes-long template would otherwise be tokenized at every step, minutes per episode.
+    too_long = _prompt_problems(spec, doc)
+    problems += too_long.values()
     # Templates must compile.
     from leafe.prompts import check_template
 
     for key in ("system", "user"):
         t = getattr(spec.env.prompt, key)
-        if t is not None:
+        if t is not None and key not in too_long:
             msg = check_template(t)
             if msg:
                 at = ("env", "prompt", key)
@@ -460,7 +609,7 @@ def load_doc(doc: Located, overrides: list[str], file: Path | None = None) -> Lo
         for j, m in enumerate(pair):
             if m not in spec.methods:
                 at = ("report", "compare", i, j)
-                problems.append(_problem(doc.locate(at), at, f"{m!r} is not a method of this spec "
+                problems.append(_problem(doc.locate(at), at, f"{shown(m)} is not a method of this spec "
                                          f"({', '.join(spec.methods)})"))
     if problems:
         raise SpecError(problems)
@@ -470,6 +619,81 @@ def load_doc(doc: Located, overrides: list[str], file: Path | None = None) -> Lo
     if problems:
         raise SpecError(problems)
     return loaded
+
+
+#: Characters one token covers at most, generously: byte-level BPE vocabularies' longest
+#: tokens (runs of spaces or dashes) are shorter, English averages about 4. A prompt longer than
+#: the context times this cannot fit it, whatever the tokenizer.
+MAX_CHARS_PER_TOKEN = 256
+#: Context lengths (tokens) of the built-in models (`leafe.models.builtin`): their configs'
+#: max_position_embeddings.
+BUILTIN_CONTEXT = {"leafe:tiny-qwen2": 8192, "leafe:smollm2-135m-instruct": 8192}
+
+
+def model_context(model: Any) -> tuple[int, str] | None:
+    """The context length in tokens of a model spec, and where it comes from, when it is known
+    without loading anything: a built-in's, vLLM's `max_model_len`, or a local directory's
+    config.json. None otherwise (hub ids, API models)."""
+    limit = getattr(model, "max_model_len", None)
+    if limit:
+        return limit, "its max_model_len"
+    name = getattr(model, "name", None)
+    if not isinstance(name, str) or getattr(model, "backend", None) == "litellm":
+        return None
+    if name in BUILTIN_CONTEXT:
+        return BUILTIN_CONTEXT[name], name
+    try:
+        config = Path(os.path.expanduser(name)) / "config.json"
+        if not config.is_file():
+            return None
+        import json
+
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg) if isinstance(cfg, dict) else {}
+    for key in ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length"):
+        if isinstance(cfg.get(key), int) and cfg[key] > 0:
+            return cfg[key], f"{cut(name)}/config.json"
+    return None
+
+
+def _prompt_problems(spec: Spec, doc: Located) -> dict[str, str]:
+    """Per prompt template (`system`, `user`) that cannot fit the policy's context, why."""
+    known = model_context(spec.models.policy)
+    if known is None:
+        return {}
+    tokens, source = known
+    out = {}
+    for key in ("system", "user"):
+        t = getattr(spec.env.prompt, key)
+        if t is not None and len(t) > tokens * MAX_CHARS_PER_TOKEN:
+            at = ("env", "prompt", key)
+            out[key] = _problem(doc.locate(at), at, (
+                f"{len(t)} characters cannot fit the policy's context of {tokens} tokens ({source}): "
+                f"even at {MAX_CHARS_PER_TOKEN} characters a token it would take {len(t) // MAX_CHARS_PER_TOKEN} "
+                "tokens; shorten the prompt (it is sent at every step)"))
+    return out
+
+
+#: Prompt templates longer than this (characters) are named by `validate` and `run`: every
+#: policy step renders and tokenizes them, so a run can seem stuck.
+LONG_PROMPT = 100_000
+
+
+def prompt_notes(spec: Spec) -> list[str]:
+    """A line per prompt template long enough to slow every step (and that validation did not
+    refuse: the policy's context is not known), saying what will be slow."""
+    known = model_context(spec.models.policy)
+    context = (f"the policy's context is {known[0]} tokens ({known[1]})" if known else
+               "the policy's context is not known before the model loads")
+    out = []
+    for key in ("system", "user"):
+        t = getattr(spec.env.prompt, key)
+        if t is not None and len(t) > LONG_PROMPT:
+            out.append(f"note: env.prompt.{key} is {len(t)} characters: every policy step renders and tokenizes "
+                       f"it, which is slow, and it may not fit ({context})")
+    return out
 
 
 def _whole_spec_problems(loaded: LoadedSpec) -> list[str]:

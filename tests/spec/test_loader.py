@@ -133,3 +133,26 @@ def test_every_committed_spec_validates():
     assert specs, "specs/ must hold at least the quickstart"
     for s in specs:
         load_spec(s)
+
+
+def test_hostile_yaml_is_a_spec_error_not_a_traceback(tmp_path):
+    """Deep nesting, merge keys, non-string keys, unknown tags: each a SpecError at its line."""
+    for deep in ("[" * 1_000_000 + "]" * 1_000_000, "{a: " * 80 + "1" + "}" * 80):
+        errs = problems(tmp_path, GOOD + f"deep: {deep}\n")
+        # libyaml stops at 1000 levels itself, maybe before leafe counts 64
+        assert len(errs) == 1 and "spec.yaml:11: " in errs[0] and "nest" in errs[0], errs
+    errs = problems(tmp_path, GOOD.replace("eval: {samples: 4, k: [1, 4]}", "base: &b {samples: 4}\neval: {<<: *b}"))
+    assert any("YAML merge keys (<<) are not supported" in e for e in errs)
+    errs = problems(tmp_path, GOOD + "? [a, b]\n: 1\n")
+    assert ":11: (top level): a mapping key must be a string, not a list" in errs[0]
+    errs = problems(tmp_path, GOOD + "x: !python/object:os.system echo\n")
+    assert ":11: x: cannot read this value" in errs[0]
+
+
+def test_set_values_are_bounded_and_located_at_the_set(tmp_path):
+    bomb = "[&a [1, 1, 1, 1, 1, 1, 1, 1, 1]" + "".join(f", &{c} [{', '.join(['*' + p] * 9)}]"
+                                                   for p, c in zip("abcdefgh", "bcdefghi")) + "]"
+    errs = problems(tmp_path, GOOD, [f"nosuch={bomb}"])
+    assert errs[0].startswith("--set nosuch=[&a [1, 1") and "YAML aliases (*name) expand" in errs[0]
+    errs = problems(tmp_path, GOOD, ["eval={samples: 4, k: [1, 8]}"])
+    assert errs[0].startswith("--set eval={samples: 4, k: [1, 8]}: eval:") and "larger than samples" in errs[0]
