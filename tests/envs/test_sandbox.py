@@ -353,3 +353,65 @@ def test_a_killed_host_leaves_no_sandbox_behind(tmp_path, delay):  # starts / on
     while _pids_running(script) or (os.geteuid() == 0 and _uid_pids(uid)):
         assert time.monotonic() < deadline, "the sandbox outlived its host"
         time.sleep(0.05)
+
+
+LEAVES_CHILDREN = ("import subprocess, sys\n"
+                   "kids = [subprocess.Popen(['sleep', '60'], start_new_session=True) for _ in range(6)]\n"
+                   "print('left', len(kids))\n")
+
+
+def _back_to_back_under_load(box: Sandbox, marker: str, runs: int = 12) -> list:
+    """`runs` submissions, each leaving detached children, one after the other while busy
+    processes spin on every CPU; returns the failed results."""
+    spin = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        failed = []
+        for _ in range(runs):
+            r = box.run(marker, [], {marker: LEAVES_CHILDREN})
+            if r.returncode != 0 or r.stdout.strip() != "left 6":
+                failed.append(r)
+        return failed
+    finally:
+        for p in spin:
+            p.kill()
+            p.wait()
+
+
+@needs_bwrap
+def test_back_to_back_runs_under_load_start_clean_bwrap():
+    """Each run's detached children die with it (bwrap's init used to wait for them, keeping the
+    namespace alive) and the next run's process limit counts none of them (it failed with
+    EAGAIN in its first fork)."""
+    box = Sandbox("bwrap", Limits(timeout=20, cpu_seconds=20, max_processes=10))
+    marker = f"leaver_{uuid.uuid4().hex}.py"
+    before = _sleepers()
+    failed = _back_to_back_under_load(box, marker)
+    assert not failed, [(r.returncode, r.stderr[-300:]) for r in failed]
+    assert _pids_running(marker) == [] and _sleepers() - before == set()
+    if box.is_root:
+        assert _uid_pids(box.uid) == set()
+
+
+@pytest.mark.skipif(RLIMITS_PYTHON is None, reason="no Python interpreter the sandbox uid can run")
+def test_back_to_back_runs_under_load_start_clean_rlimits():
+    box = Sandbox("rlimits", Limits(timeout=20, cpu_seconds=20, max_processes=10), python=RLIMITS_PYTHON)
+    before = {p for p in _sleepers()}
+    failed = _back_to_back_under_load(box, f"leaver_{uuid.uuid4().hex}.py")
+    assert not failed, [(r.returncode, r.stderr[-300:]) for r in failed]
+    assert _sleepers() - before == set()  # the detached children died with their runs
+
+
+def _sleepers() -> set[int]:
+    """Live `sleep 60` processes."""
+    out = set()
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                    if f.read() == b"sleep\x0060\x00":
+                        with open(f"/proc/{entry.name}/stat") as st:
+                            if st.read().rpartition(")")[2].split()[0] != "Z":
+                                out.add(int(entry.name))
+            except OSError:
+                continue
+    return out

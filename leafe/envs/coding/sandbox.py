@@ -18,9 +18,13 @@ processes. Every process gets resource limits (`prlimit`): address space, CPU se
 size, process count, no core files.
 
 Nothing outlives a run: on the wall-clock timeout (or an early stop) the host SIGKILLs the init
-of the sandbox's PID namespace, which takes every process of the namespace with it. If the host
-itself dies, the in-sandbox supervisor (`SUPERVISOR`) sees the host's end of the result pipe
-close and kills the program. (bwrap's --die-with-parent is not used: killing bwrap between its
+of the sandbox's PID namespace, which takes every process of the namespace with it. When the
+program exits, the in-sandbox supervisor (`SUPERVISOR`, a child subreaper: the program's
+orphans become its children) kills and reaps whatever the program left, children that left
+its session included; bwrap's own init would otherwise wait for them, outliving the run. If
+the host itself dies, the supervisor sees the host's end of the result pipe close and does the
+same. As root the host then waits until the sandbox uid has no process left, so a run never
+starts under its predecessor's leftovers (they count against its process limit). (bwrap's --die-with-parent is not used: killing bwrap between its
 clone and its handshake with the child leaves that child blocked forever.)
 
 `rlimits` (weaker; for hosts without bubblewrap or without user namespaces, e.g. some
@@ -28,7 +32,8 @@ containers). A plain subprocess with the same resource limits, a scrubbed enviro
 session, a private temporary working directory and, when run as root, the same uid switch (and
 after each run every process of that uid is killed). It does NOT isolate the network or the
 file system: the program can read what the uid can read and write where it can write (e.g. the
-host's /tmp). As a normal user, a child that leaves the session can outlive the run. Choosing it
+host's /tmp). As a normal user, a process that escapes the supervisor (where the kernel
+lacks child subreapers or /proc/<pid>/task/<tid>/children) can outlive the run. Choosing it
 logs a warning.
 
 The program reports to the host over a pipe: JSON lines on a file descriptor whose number it is
@@ -203,14 +208,21 @@ def default_python() -> str:
 
 
 #: The first process inside the sandbox: runs the program as its child and kills it (and,
-#: with the dedicated uid of rlimits mode as root, every process of that uid) as soon as the
-#: host's end of the result channel closes: the host is gone (or gave up on the run).
+#: where kill(-1) reaches only the sandbox's processes: inside bwrap's PID namespace, or with
+#: the dedicated uid of rlimits mode as root, everything else there) as soon as the host's end
+#: of the result channel closes: the host is gone (or gave up on the run). When the program
+#: exits it kills those same processes (children that left its session), which would otherwise
+#: outlive the run (bwrap's own init waits for them) and count against the next run's limits.
 #: Parent-death signals leave a window while the sandbox starts; this check does not, since it
 #: looks at the channel once the sandbox runs. Exits with the program's status (128 + N when
 #: killed by signal N). Standard library only, run with -S (no site: fast).
 SUPERVISOR = r"""
-import os, select, signal, sys
+import ctypes, os, select, signal, sys
 host_fd, kill_uid, argv = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[4:]
+try:  # PR_SET_CHILD_SUBREAPER: the program's orphans become our children, not pid 1's
+    subreaper = ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0
+except (OSError, AttributeError):
+    subreaper = False
 wake_r, wake_w = os.pipe()
 os.set_blocking(wake_w, False)
 signal.set_wakeup_fd(wake_w)
@@ -225,16 +237,63 @@ if pid == 0:
         os.execv(argv[0], argv)
     finally:
         os._exit(127)
+
+
+def children():
+    try:
+        with open(f"/proc/self/task/{os.getpid()}/children") as f:
+            return [int(x) for x in f.read().split()]
+    except OSError:
+        return None
+
+
+def clear():
+    # what the program left (children that left its session): killed, and reaped here
+    if kill_uid:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if not subreaper:
+        return
+    while True:
+        kids = children()
+        if kids is None:
+            return
+        for k in kids:
+            try:
+                os.kill(k, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
 poll = select.poll()
 poll.register(host_fd, 0)
 poll.register(wake_r, select.POLLIN)
+main = None
 while True:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    if done:
-        code = os.waitstatus_to_exitcode(status)
+    while True:  # reap every exited child (orphans too: zombies count against the limits)
+        try:
+            done, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            done = 0
+        if not done:
+            break
+        if done == pid:
+            main = status
+    if main is not None:
+        clear()
+        code = os.waitstatus_to_exitcode(main)
         os._exit(code if code >= 0 else 128 - code)
     for fd, _ in poll.poll():
         if fd == host_fd:
+            if subreaper and children() is not None:
+                clear()  # the program and everything it left
+                os._exit(137)
             if kill_uid:
                 os.kill(-1, signal.SIGKILL)
             os.killpg(0, signal.SIGKILL)
@@ -461,7 +520,8 @@ class Sandbox:
                 env = {**BASE_ENV, "HOME": SANDBOX_TMP, "TMPDIR": SANDBOX_TMP}
                 program = [self.python, "-s", "-B", f"{inner_job}/{script}", inner_job,
                            str(write_fd), *args]
-                argv = self._bwrap_argv(job_dir, self._supervised(program, write_fd, False),
+                # kill(-1) inside the PID namespace reaches only the sandbox's processes
+                argv = self._bwrap_argv(job_dir, self._supervised(program, write_fd, True),
                                         info_w)
             else:
                 work = host_dir / "work"
@@ -509,6 +569,11 @@ class Sandbox:
             code = proc.wait()
             if switch_uid:
                 self._kill_uid()
+            if self.is_root:
+                # Killed processes count against RLIMIT_NPROC until their parent (bwrap's init,
+                # or pid 1 for rlimits mode's orphans) reaps them: the next run must not start
+                # under its predecessor's leftovers (EAGAIN in its first fork under load).
+                _wait_uid_clear(self.uid, time.monotonic() + 10)
             result.returncode = None if killed else code
             result.duration = time.monotonic() - start
             limit = lim.output_kb * 1024
@@ -617,6 +682,17 @@ def _read_child_pid(path: Path) -> int | None:
     except (OSError, ValueError, AttributeError):
         return None
     return pid if isinstance(pid, int) and pid > 1 else None
+
+
+def _wait_uid_clear(uid: int, deadline: float) -> bool:
+    """Wait until `uid` has no process (zombies included) or the deadline passes; True if clear."""
+    while _processes_of(uid):
+        if time.monotonic() >= deadline:
+            log.warning("processes of sandbox uid %d outlived their run by 10 s; the next run's "
+                        "process limit counts them", uid)
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _wait_exited(pid: int, deadline: float) -> bool:
