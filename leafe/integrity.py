@@ -2,9 +2,11 @@
 
 When a stage finishes, the runner writes `<stage dir>/DONE` (JSON, `DoneMarker`): per file
 the stage wrote at its top level (records, metrics, logs; not dot-files) its size, sha256 and,
-for a `.jsonl` file, its record count; per file of its `checkpoint/` its size. Every later use
-of the stage (`leafe run`, `leafe report`, `leafe plan`) checks the directory against it
-(`check_stage`; sizes first, then the sha256, computed once per file version and process):
+for a `.jsonl` file, its record count; per file of its `checkpoint/` its size and sha256. Every
+later use of the stage (`leafe run`, `leafe report`, `leafe plan`) checks the directory against
+it (`check_stage`; sizes first, then the sha256, computed once per file version and process;
+checkpoint files by size only, since hashing weights is slow: a stage that starts from the
+checkpoint checks their sha256 first, `verify_checkpoint`):
 
 - `done`: everything is as written (or the marker predates these fields: unverified, used
   as before, except that a `.jsonl` file with a torn last line is damaged).
@@ -45,7 +47,8 @@ class FileRecord(BaseModel):
     bytes: int
     """Its size."""
     sha256: str | None = None
-    """Its sha256 (files at the stage's top level; a checkpoint's weights are checked by size)."""
+    """Its sha256 (`check_stage` compares it for top-level files; checkpoint files only when a
+    stage starts from them, `verify_checkpoint`)."""
     records: int | None = None
     """Lines of a `.jsonl` record log."""
 
@@ -130,7 +133,7 @@ def _torn(path: Path, size: int) -> bool:
 
 def written_files(stage_dir: Path) -> dict[str, FileRecord]:
     """What a finished stage wrote: its top-level files (not dot-files, not DONE) with size,
-    sha256 and record count, and its `checkpoint/` files with size."""
+    sha256 and record count, and its `checkpoint/` files with size and sha256."""
     out: dict[str, FileRecord] = {}
     for p in sorted(stage_dir.iterdir()):
         if p.name.startswith(".") or p.name == DONE or not p.is_file():
@@ -142,7 +145,8 @@ def written_files(stage_dir: Path) -> dict[str, FileRecord]:
     if ck.is_dir():
         for p in sorted(ck.rglob("*")):
             if p.is_file() and not p.name.startswith("."):
-                out[p.relative_to(stage_dir).as_posix()] = FileRecord(bytes=p.stat().st_size)
+                st = p.stat()
+                out[p.relative_to(stage_dir).as_posix()] = FileRecord(bytes=st.st_size, sha256=_sha256(p, st))
     return out
 
 
@@ -190,7 +194,7 @@ def check_stage(stage_dir: Path) -> StageCheck:
             continue
         if st.st_size != rec.bytes:
             changed[name] = _difference(name, path, rec, st)
-        elif rec.sha256 is not None and _sha256(path, st) != rec.sha256:
+        elif rec.sha256 is not None and not name.startswith(CHECKPOINT + "/") and _sha256(path, st) != rec.sha256:
             changed[name] = (f"{name} has other content (sha256 {_sha256(path, st)[:12]}…; the stage wrote "
                              f"{rec.sha256[:12]}…)")
     if changed:
@@ -198,6 +202,29 @@ def check_stage(stage_dir: Path) -> StageCheck:
     if missing:
         return StageCheck("incomplete", missing)
     return StageCheck("done")
+
+
+def verify_checkpoint(stage_id: str, stage_dir: Path) -> None:
+    """Before a stage starts from `stage_dir`'s checkpoint: its files against the sha256 the
+    finished stage recorded (a same-size change, e.g. a bad copy, passes `check_stage`); a
+    difference is `damaged_error`. Markers without checkpoint digests are taken as they are."""
+    marker = read_done(stage_dir)
+    if marker is None or not marker.files:
+        return
+    changed = {}
+    for name, rec in marker.files.items():
+        if not name.startswith(CHECKPOINT + "/") or rec.sha256 is None:
+            continue
+        path = stage_dir / name
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            continue  # missing: check_stage makes the stage incomplete
+        if st.st_size == rec.bytes and _sha256(path, st) != rec.sha256:
+            changed[name] = (f"{name} has other content (sha256 {_sha256(path, st)[:12]}…; the stage wrote "
+                             f"{rec.sha256[:12]}…)")
+    if changed:
+        raise damaged_error(stage_id, stage_dir, StageCheck("damaged", changed=changed))
 
 
 def _difference(name: str, path: Path, rec: FileRecord, st: os.stat_result) -> str:

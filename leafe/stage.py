@@ -96,10 +96,14 @@ class StageContext:
     def start_checkpoint(self) -> Path | None:
         """The checkpoint this stage starts from (`leafe.plan.start_checkpoint`), else None (the
         policy)."""
+        from leafe.integrity import verify_checkpoint
         from leafe.plan import start_checkpoint
 
         sid = start_checkpoint(self.plan.stages, self.stage)
-        return None if sid is None else self.plan.dir(self.plan.stage(sid)) / "checkpoint"
+        if sid is None:
+            return None
+        verify_checkpoint(sid, self.plan.dir(self.plan.stage(sid)))  # the weights as written
+        return self.plan.dir(self.plan.stage(sid)) / "checkpoint"
 
     def policy_spec(self, checkpoint: Path | None = None) -> ModelSpec:
         """The policy's spec, pointing at `checkpoint` when given."""

@@ -734,3 +734,26 @@ def test_a_long_system_prompt_for_a_model_of_unknown_context_is_named(tmp_path):
     out = " ".join(r.output.split())
     assert ("note: env.prompt.system is 200000 characters: every policy step renders and tokenizes it, which is "
             "slow, and it may not fit (the policy's context is not known before the model loads)") in out
+
+
+def test_weights_changed_in_place_are_caught_before_a_stage_starts_from_them(tmp_path, trained):
+    """A same-size change to a finished stage's weights (a bad copy, bit rot) passes the size
+    check; the stage that starts from the checkpoint compares its sha256 first: exit 2, the
+    file named, nothing evaluated on it. Put back, the run goes on."""
+    root = copy_run(trained, tmp_path / "run")
+    spec = root / "faults.yaml"
+    train = stage_dir(root, "faults", "sft.train")
+    shutil.rmtree(stage_dir(root, "faults", "eval.sft"))
+    w = train / "checkpoint" / "model.safetensors"
+    data = w.read_bytes()
+    flipped = bytearray(data)
+    flipped[-8] ^= 0xFF  # inside the last tensor's data: the header still parses
+    w.write_bytes(bytes(flipped))
+    r = run_spec(spec, root)
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "checkpoint/model.safetensors has other content" in out, out
+    assert "Traceback" not in r.output and not list((root / "runs" / "faults").glob("eval.sft-*/DONE"))
+    w.write_bytes(data)
+    r = run_spec(spec, root)
+    assert r.exit_code == 0, r.output
+    assert read_records(stage_dir(root, "faults", "eval.sft")) == read_records(stage_dir(trained, "faults", "eval.sft"))
