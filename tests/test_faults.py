@@ -10,6 +10,7 @@ that a re-run gives what an undisturbed run gave."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -757,3 +758,27 @@ def test_weights_changed_in_place_are_caught_before_a_stage_starts_from_them(tmp
     r = run_spec(spec, root)
     assert r.exit_code == 0, r.output
     assert read_records(stage_dir(root, "faults", "eval.sft")) == read_records(stage_dir(trained, "faults", "eval.sft"))
+
+
+def test_a_full_disk_inside_a_launched_training_job_says_so(tmp_path, leafe_cache, monkeypatch):
+    """Training under `accelerate launch`: the job's process hits ENOSPC while saving the
+    weights (injected through a sitecustomize only that process loads); the run stops with the
+    full-disk message (exit 2), not "accelerate launch failed" and a log tail."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import errno, os\n"
+        "if os.environ.get('LEAFE_IN_ACCELERATE_LAUNCH'):\n"
+        "    import safetensors.torch as st\n"
+        "    def full(*a, **k):\n"
+        "        raise OSError(errno.ENOSPC, 'No space left on device', a[1] if len(a) > 1 else None)\n"
+        "    st.save_file = full\n")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+    spec = write_spec(tmp_path, TRAIN_SPEC.replace("save_steps: 2}}", "save_steps: 2}}\n  base: {}").replace(
+        "report: {formats: [json]}", "report: {formats: [json]}\nruntime: {threads: 1, training: {launcher: accelerate, "
+        "num_processes: 1}}"), "launched")
+    r = run_spec(spec, tmp_path)
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2, out
+    assert "sft.train stopped: the disk holding" in out and "is full" in out and "resumes" in out, out
+    assert "accelerate launch` failed" not in out and "Traceback" not in r.output

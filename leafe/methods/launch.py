@@ -11,7 +11,9 @@ does the data-parallel (or FSDP/ZeRO) training, the main process writes the chec
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,11 @@ from leafe.errors import UserError
 NAMED_CONFIGS = {"ddp": "multi_gpu", "fsdp": "fsdp2", "fsdp1": "fsdp1", "fsdp2": "fsdp2", "zero1": "zero1",
                  "zero2": "zero2", "zero3": "zero3"}
 IN_LAUNCH = "LEAFE_IN_ACCELERATE_LAUNCH"
+
+
+#: A launched job's log showing a full disk (ENOSPC/EDQUOT, torch's short zip write)
+_DISK_FULL_IN_LOG = re.compile(r"No space left on device|Disk quota exceeded|\[Errno (28|122)\]|"
+                               r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed writing")
 
 
 def config_file(name: str) -> Path:
@@ -96,6 +103,9 @@ def run_launched(ctx, examples: list[dict], train, seed: int) -> dict:
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
     if rc != 0 or not (d / "result.json").exists():
         tail = (d / "launch.log").read_text(errors="replace")[-3000:]
+        if _DISK_FULL_IN_LOG.search(tail):  # the job's own full disk: the run says so, as in process
+            raise OSError(errno.ENOSPC, f"a training process ran out of space (see {d / 'launch.log'})",
+                          str(ctx.dir))
         raise RuntimeError(f"{ctx.stage.id}: `accelerate launch` failed (exit {rc}); {d / 'launch.log'} ends:\n{tail}")
     return read_json(d / "result.json")
 
