@@ -358,6 +358,60 @@ def envs() -> None:
         console.print(name)
 
 
+@app.command()
+def schema(out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write to this file instead of "
+                                              "printing."),
+           reference: bool = typer.Option(False, "--reference", help="The Markdown reference page "
+                                          "(docs/spec-reference.md) instead of the JSON Schema."),
+           write: bool = typer.Option(False, "--write", help="Rebuild the committed files of this checkout: "
+                                      "schema/leafe-spec-1.json and docs/spec-reference.md."),
+           check: bool = typer.Option(False, "--check", help="Exit 1 when the committed files differ from "
+                                      "what --write would write.")) -> None:
+    """Print the JSON Schema of spec format 1 (every method's and environment adapter's fields
+    included; editors use it for completion and checking), or the reference page."""
+    from leafe.spec import export
+
+    try:
+        _schema(export, out, reference, write, check)
+    except UserError as e:  # an adapter or method whose module cannot be imported here
+        _fail(e)
+
+
+def _schema(export, out: Optional[Path], reference: bool, write: bool, check: bool) -> None:
+    if write or check:
+        root = export.checkout_root()
+        if root is None:
+            _fail(UserError("--write and --check work in a leafe source checkout (the committed files "
+                            "live there); this leafe is installed elsewhere"))
+        stale = []
+        for rel, text in export.generated_files().items():
+            path = root / rel
+            current = path.read_text(encoding="utf-8") if path.is_file() else None
+            if current == text:
+                continue
+            stale.append(rel)
+            if write:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(text, encoding="utf-8")
+        for rel in stale:
+            console.print(f"{'wrote' if write else 'stale'}: {rel}", highlight=False)
+        if not stale:
+            console.print("up to date", highlight=False)
+        if check and stale and not write:
+            err.print("run `leafe schema --write` and commit the files", highlight=False)
+            raise typer.Exit(1)
+        return
+    if reference:
+        text = export.reference_markdown()
+    else:
+        text = export.schema_text()
+    if out is None:
+        sys.stdout.write(text)
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+
+
 show_app = typer.Typer(help="Inspect a run's artifacts.", no_args_is_help=True)
 app.add_typer(show_app, name="show")
 

@@ -19,6 +19,8 @@ class Registry:
         self.kind = kind
         self.group = group
         self._entries = dict(builtin)
+        #: The names leafe itself registers (no plugins, none registered at run time).
+        self.builtin = tuple(builtin)
         self._loaded: dict[str, Any] = {}
         self._plugins_scanned = False
 

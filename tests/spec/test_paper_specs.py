@@ -52,7 +52,8 @@ def test_paper_spec_holds_every_compared_method_from_its_starting_checkpoint(nam
 @pytest.mark.parametrize("name", PAPER + [f"table{t}-{e}" for t in (3, 4) for e in TABLE1])
 def test_paper_spec_opens_with_its_command_and_documents_the_swaps(name):
     text = (SPECS / f"{name}.yaml").read_text()
-    first = text.splitlines()[0]
+    editor, first = text.splitlines()[:2]  # the editor's schema line, then the command
+    assert editor == "# yaml-language-server: $schema=../schema/leafe-spec-1.json"
     assert first.startswith(f"# specs/{name}.yaml — run: ") and f"leafe run specs/{name}.yaml" in first
     # each LEAFE spec names its reflector and shows the one-line API swap (and EE SR's teacher's)
     assert re.search(r"^  reflector: policy$", text, re.M)
