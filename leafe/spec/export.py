@@ -456,30 +456,28 @@ def reference_markdown(schema: dict[str, Any] | None = None) -> str:
             "A block of `methods:` is validated by the config of its method: its `method:`, else the "
             "method of its `use:` preset, else its key. `use` and the fields every method has (`method`, `init`, "
             "`reuse`, `extra`, `models`) come first in each table.", ""]
-    for n in method_parts:
-        if n.startswith("method."):
-            m = n[len("method."):]
-            via = sorted(p for p, mt in method_presets.items() if mt == m)
-            out += ref.section(n)[:-1]
-            if via:
-                out += ["", "Presets: " + ", ".join(f"`use: {p}`" for p in via)]
-            out.append("")
-        else:
-            out += ref.section(n, "####")
+    out += _with_presets(ref, method_parts, "method.", method_presets)
     out += ["## Environments", "",
             "`env.options` is validated by the options of the environment adapter: `env.adapter`, else "
             "the adapter of the `env.use` preset.", ""]
-    for n in env_parts:
-        if n.startswith("env-options."):
-            a = n[len("env-options."):]
-            via = sorted(p for p, ad in env_presets.items() if ad == a)
+    out += _with_presets(ref, env_parts, "env-options.", env_presets)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _with_presets(ref, parts: list[str], prefix: str, presets: dict[str, str]) -> list[str]:
+    """Sections of `parts`: a `prefix<name>` part (a method, an adapter's options) followed by
+    the presets that select it; the others (their sub-models) one level down."""
+    out: list[str] = []
+    for n in parts:
+        if n.startswith(prefix):
+            via = sorted(p for p, target in presets.items() if target == n[len(prefix):])
             out += ref.section(n)[:-1]
             if via:
                 out += ["", "Presets: " + ", ".join(f"`use: {p}`" for p in via)]
             out.append("")
         else:
             out += ref.section(n, "####")
-    return "\n".join(out).rstrip("\n") + "\n"
+    return out
 
 
 def checkout_root() -> Path | None:
