@@ -213,7 +213,3 @@ def _preflight(loaded: LoadedSpec, console: Console) -> None:
         with console.status(f"preparing model {policy.name} (first use of a built-in model converts it once)"):
             path, _ = resolve(policy.name, policy.revision)
         console.print(f"[dim]model {policy.name} → {path}[/dim]")
-
-
-def plan_only(loaded: LoadedSpec, runs_dir: Path | str = "runs") -> Plan:
-    return build_plan(loaded, runs_dir)

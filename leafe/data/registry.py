@@ -22,6 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from leafe import paths
 from leafe.errors import UserError
 
 #: Written into a dataset's folder last, so its presence means the folder is complete.
@@ -179,15 +180,10 @@ def human_bytes(n: float) -> str:
     return f"{n:,.1f} {unit}"
 
 
-def cache_root() -> Path:
-    """``$LEAFE_CACHE`` (default ``~/.cache/leafe``)."""
-    return Path(os.environ.get("LEAFE_CACHE") or os.path.join("~", ".cache", "leafe")).expanduser()
-
-
 def data_root() -> Path:
     """``$LEAFE_DATA`` (default ``$LEAFE_CACHE/data``)."""
     root = os.environ.get("LEAFE_DATA")
-    return Path(root).expanduser() if root else cache_root() / "data"
+    return Path(root).expanduser() if root else paths.cache_root() / "data"
 
 
 def dataset(name: str) -> Dataset:

@@ -65,6 +65,7 @@ from typing import Any, Literal
 
 from pydantic import ConfigDict, Field, model_validator
 
+from leafe import paths
 from leafe.envs.base import Env, EnvOptions, IndexedSplits, Observation, Snapshot, Step, obs_hash
 from leafe.store import make_temp_dir
 
@@ -96,12 +97,6 @@ _BLOCKED_PREFIX = "tw-"  # TextWorld's debug hooks (tw-trace-actions, tw-extra-i
 #: The interpreter's seed: TextWorld games are deterministic, but Jericho would otherwise seed
 #: the Z-machine's random number generator from the clock.
 INTERPRETER_SEED = 20240601
-
-
-def cache_root() -> Path:
-    """``$LEAFE_CACHE/textworld`` (``$LEAFE_CACHE`` defaults to ``~/.cache/leafe``)."""
-    root = os.environ.get("LEAFE_CACHE") or os.path.join("~", ".cache", "leafe")
-    return Path(root).expanduser() / "textworld"
 
 
 def _sha(*parts: Any) -> str:
@@ -476,7 +471,7 @@ class TextWorldEnv(IndexedSplits, Env):
 
     def cache_dir(self) -> Path:
         """The folder holding this configuration's games."""
-        return cache_root() / self.cache_key()
+        return paths.cache_root() / "textworld" / self.cache_key()
 
     def game_dir(self, task_id: str) -> Path:
         """The folder of a task's compiled game (`game.z8`, `game.json`, `meta.json`),

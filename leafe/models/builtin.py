@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from leafe import paths
 from leafe.errors import UserError
 from leafe.store import make_temp_dir, relax_modes
 
@@ -110,12 +111,6 @@ RECIPES = {"smollm2-135m-instruct": "1", "tiny-qwen2": "1"}
 # --------------------------------------------------------------------------- cache & hashing
 
 
-def cache_dir() -> Path:
-    """``$LEAFE_CACHE`` (default ``~/.cache/leafe``)."""
-    root = os.environ.get("LEAFE_CACHE") or os.path.join("~", ".cache", "leafe")
-    return Path(root).expanduser()
-
-
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     """sha256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
@@ -174,7 +169,7 @@ def _build_cached(name: str, key: str, build: Callable[[Path], dict[str, Any]]) 
     `build` fills the temporary directory and returns provenance; the directory is then renamed
     into place (atomic on one file system). If another process finished first, its copy wins.
     """
-    root = cache_dir() / "models"
+    root = paths.cache_root() / "models"
     final = root / f"{name}-{key}"
     meta = final / PROVENANCE_FILE
     if meta.is_file():

@@ -61,7 +61,7 @@ import tenacity  # noqa: E402
 
 from leafe.errors import UserError  # noqa: E402
 from leafe.models.base import ChatModel, Completion, Conversation, Sampling  # noqa: E402
-from leafe.models.builtin import cache_dir  # noqa: E402
+from leafe import paths  # noqa: E402
 from leafe.seeds import derive_seed  # noqa: E402
 from leafe.spec.schema import LiteLLMModelSpec  # noqa: E402
 
@@ -273,7 +273,7 @@ class LiteLLMModel(ChatModel):
         self._api_key = api_key if api_key is not None else self._read_key(spec)
         self._cache: diskcache.Cache | None = None
         if spec.cache:
-            path = cache_dir() / "litellm"
+            path = paths.cache_root() / "litellm"
             path.mkdir(parents=True, exist_ok=True)
             self._cache = diskcache.Cache(str(path))
         self._loop = _LoopThread()

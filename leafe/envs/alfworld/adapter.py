@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import ConfigDict, Field, field_validator
 
+from leafe import paths
 from leafe.envs.alfworld.generator import TASK_TYPES
 from leafe.envs.base import Env, EnvOptions, Observation, Step
 from leafe.errors import UserError
@@ -69,11 +70,6 @@ HANDCODED_MAX_STEPS = 50
 
 #: (data root, split, task types) -> sorted official task ids, per process.
 _OFFICIAL: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}
-
-
-def cache_root() -> Path:
-    """``$LEAFE_CACHE`` (default ``~/.cache/leafe``)."""
-    return Path(os.environ.get("LEAFE_CACHE") or os.path.join("~", ".cache", "leafe")).expanduser()
 
 
 #: Where `alfworld-download` writes, and what the `alfworld` package sets $ALFWORLD_DATA to
@@ -279,7 +275,7 @@ class AlfworldEnv(Env):
                               "domain": _sha256(domain), "grammar": _sha256(grammar)},
                              sort_keys=True)
             digest = _sha256(key.encode("utf-8"))[:16]
-            self._generated_dir = cache_root() / "alfworld" / f"generated-{digest}"
+            self._generated_dir = paths.cache_root() / "alfworld" / f"generated-{digest}"
         return self._generated_dir
 
     def _parse_generated(self, task_id: str) -> tuple[str, str, int]:

@@ -27,6 +27,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+from leafe import paths
 from leafe.errors import UserError
 
 #: Price bounds a goal may name ("price lower than X dollars").
@@ -403,15 +404,9 @@ def write_synthetic_catalogue(directory: str | os.PathLike, n_products: int = 60
     return out
 
 
-def cache_root() -> Path:
-    """``$LEAFE_CACHE/webshop`` (``$LEAFE_CACHE`` defaults to ``~/.cache/leafe``)."""
-    root = os.environ.get("LEAFE_CACHE") or os.path.join("~", ".cache", "leafe")
-    return Path(root).expanduser() / "webshop"
-
-
 def synthetic_dir(n_products: int, seed: int = 0) -> Path:
     """The synthetic catalogue's folder in the cache, written on first use."""
-    d = cache_root() / f"synthetic-v{SYNTHETIC_VERSION}-{n_products}-{seed}"
+    d = paths.cache_root() / "webshop" / f"synthetic-v{SYNTHETIC_VERSION}-{n_products}-{seed}"
     if not (d / "items_human_ins.json").is_file():
         write_synthetic_catalogue(d, n_products, seed)
     return d
