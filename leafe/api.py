@@ -170,9 +170,18 @@ class Stage:
     """What `leafe plan` adds: what is wrong, who runs it, what changed since it last ran."""
 
 
-def plan(spec: "LoadedSpec | PathLike", runs_dir: PathLike = "runs") -> list[Stage]:
-    """The stage graph `leafe plan` shows, in run order (every seed's, seed by seed)."""
-    loaded = _loaded(spec)
+def _smoke(loaded: "LoadedSpec", smoke: bool) -> "LoadedSpec":
+    if not smoke:
+        return loaded
+    from leafe.smoke import smoke_spec
+
+    return smoke_spec(loaded)
+
+
+def plan(spec: "LoadedSpec | PathLike", runs_dir: PathLike = "runs", smoke: bool = False) -> list[Stage]:
+    """The stage graph `leafe plan` shows, in run order (every seed's, seed by seed);
+    `smoke=True`: that of the spec's smoke run (`leafe plan --smoke`)."""
+    loaded = _smoke(_loaded(spec), smoke)
     return _plan_at(loaded, None, runs_dir)
 
 
@@ -218,8 +227,7 @@ class Run:
         with `pass@K ci_low`/`ci_high` (bootstrap interval) and `pass@K std` (across seeds),
         `pass^K`, success, steps, tokens, episodes, and the budget (`budget.own`,
         `budget.total`, ...; nested fields joined by dots). The same numbers as the JSON report."""
-        import pandas as pd
-
+        pd = _pandas()
         rows = []
         for r in self.report_data()["rows"]:
             flat: dict[str, Any] = {}
@@ -245,11 +253,10 @@ class Run:
         """The evaluation episode records of `method` (every seed; column `seed`), one row per
         episode: task, sample, success, steps, tokens, ...; empty when its evaluation has not
         started."""
-        import pandas as pd
-
         from leafe.plan import build_plan
         from leafe.stage import read_episodes
 
+        pd = _pandas()
         if method not in self.spec.methods:
             raise errors.UserError(f"{method!r} is not a method of {self.spec.spec.name} "
                                    f"(its methods: {', '.join(self.spec.methods)})")
@@ -283,6 +290,14 @@ def _plan_at(loaded: "LoadedSpec", root: Path | None, runs_dir: PathLike = "runs
     return out
 
 
+def _pandas():
+    try:
+        import pandas
+    except ImportError:
+        raise errors.UserError("Run.table() and Run.episodes() need pandas: pip install pandas") from None
+    return pandas
+
+
 def _flatten(d: dict, prefix: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
@@ -294,15 +309,16 @@ def _flatten(d: dict, prefix: str) -> dict[str, Any]:
 
 
 def run(spec: "LoadedSpec | PathLike", runs_dir: PathLike = "runs", reports_dir: PathLike = "reports",
-        console: "Console | None" = None, quiet: bool = False) -> Run:
+        console: "Console | None" = None, quiet: bool = False, smoke: bool = False) -> Run:
     """What `leafe run` does: every stage not done (finished ones reused, partial ones resumed),
     then the report into `reports_dir`. Prints progress to `console` (default: the terminal;
-    `quiet=True`: nothing). Returns the run's handle."""
+    `quiet=True`: nothing); `smoke=True`: the spec's smoke run (`leafe run --smoke`, into
+    runs/<name>-smoke/). Returns the run's handle."""
     from rich.console import Console
 
     from leafe.runner import run as run_plan
 
-    loaded = _loaded(spec)
+    loaded = _smoke(_loaded(spec), smoke)
     if console is None:
         console = Console(quiet=True) if quiet else Console()
     run_plan(loaded, runs_dir, reports_dir, console)

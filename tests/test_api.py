@@ -65,6 +65,15 @@ def test_load_spec_with_overrides(tmp_path):
     assert list(loaded.methods) == ["base"]
 
 
+def test_plan_of_the_smoke_run(tmp_path):
+    f = tmp_path / "api.yaml"
+    f.write_text(SPEC)
+    stages = leafe.plan(f, tmp_path / "runs", smoke=True)
+    assert stages[0].id == "eval.base" and stages[0].status == "todo"
+    assert stages[0].dir.parent == tmp_path / "runs" / "api-smoke"
+    assert not (tmp_path / "runs").exists()  # planning writes nothing
+
+
 def test_a_bad_spec_raises_one_exception_with_file_line_and_field(tmp_path):
     f = tmp_path / "bad.yaml"
     f.write_text(SPEC.replace("eval: {samples: 2,", "eval: {samples: -1,").replace("budget: {", "budget: {colour: 1, "))
