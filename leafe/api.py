@@ -64,7 +64,15 @@ _SET = re.compile(r"^(?P<file>--set .*?): (?:(?P<field>[^\s:][^:]*?): )?(?P<msg>
 _NO_LINE = re.compile(r"^(?P<file>[^:]+): (?P<field>[^\s:][^:]*?): (?P<msg>.*)$", re.S)
 
 
-def _parse_problem(text: str) -> SpecProblem:
+def _parse_problem(text: str, sets: Sequence[str] = ()) -> SpecProblem:
+    from leafe.errors import cut
+
+    for assignment in sets:  # an override's message starts with it, whatever it holds
+        origin = f"--set {cut(assignment)}"
+        if text.startswith(origin + ": "):
+            m = re.match(r"^(?:(?P<field>[^\s:][^:]*?): )?(?P<msg>.*)$", text[len(origin) + 2:], re.S)
+            assert m is not None
+            return SpecProblem(origin, None, m["field"], m["msg"], text)
     for pattern in (_SET, _WITH_LINE, _NO_LINE):
         m = pattern.match(text)
         if m:
@@ -85,26 +93,20 @@ class SpecError(errors.SpecError):
     `details`: each as a `SpecProblem` (file, line, field, message); `file`, `line`, `field`:
     those of the first problem. `str()` is every message, one a line."""
 
-    def __init__(self, problems: list[str], file: str | None = None):
+    def __init__(self, problems: list[str], overrides: Sequence[str] = ()):
         super().__init__(problems)
-        self.details = [_parse_problem(p) for p in problems]
-        if file is not None:
-            self.details = [dataclasses.replace(d, file=d.file or file) for d in self.details]
-        first = self.details[0] if self.details else SpecProblem(file, None, None, "", "")
+        self.details: list[SpecProblem] = [_parse_problem(p, overrides) for p in problems]
+        first = self.details[0] if self.details else SpecProblem(None, None, None, "", "")
         self.file: str | None = first.file
         self.line: int | None = first.line
         self.field: str | None = first.field
 
 
 def _set_string(key: str, value: Any) -> str:
-    """One `--set` string: the value as YAML flow (JSON is YAML)."""
+    """One `--set` string: the value as JSON, which YAML reads (a path as its text)."""
     import json
 
-    if isinstance(value, str):
-        return f"{key}={json.dumps(value)}"
-    if isinstance(value, Path):
-        return f"{key}={json.dumps(str(value))}"
-    return f"{key}={json.dumps(value)}"
+    return f"{key}={json.dumps(value, default=str)}"
 
 
 def _overrides(overrides: Mapping[str, Any] | Iterable[str] | None) -> list[str]:
@@ -126,14 +128,15 @@ def load_spec(path: PathLike, overrides: Mapping[str, Any] | Iterable[str] | Non
     from leafe.spec.loader import load_spec as _load
 
     shown = _display(Path(path))
+    sets = _overrides(overrides)
     try:
-        return _load(path, _overrides(overrides))
+        return _load(path, sets)
     except errors.SpecError as e:
-        raise SpecError(list(e.problems)) from None
+        raise SpecError(list(e.problems), sets) from None
     except errors.UserError as e:  # no such file, not UTF-8, a directory: the file, no line
         text = str(e)
         msg = text[len(shown) + 2:] if text.startswith(f"{shown}: ") else text
-        err = SpecError([text], file=shown)
+        err = SpecError([text])
         err.details = [SpecProblem(shown, None, None, msg, text)]
         err.file, err.line, err.field = shown, None, None
         raise err from None

@@ -99,6 +99,10 @@ def test_a_bad_spec_raises_one_exception_with_file_line_and_field(tmp_path):
         leafe.load_spec(f, {"eval.samples": "many"})
     d = info.value.details[0]
     assert (d.file, d.line, d.field) == ('--set eval.samples="many"', None, "eval.samples")
+    with pytest.raises(leafe.SpecError) as info:  # a value holding `: ` does not confuse the parts
+        leafe.load_spec(f, {"env.max_steps": {"a: b": 1}})
+    d = info.value.details[0]
+    assert (d.file, d.line, d.field) == ('--set env.max_steps={"a: b": 1}', None, "env.max_steps")
     # YAML syntax: a line, no field; a missing file: the file
     f.write_text("leafe: 1\nname: [x\n")
     with pytest.raises(leafe.SpecError) as info:
